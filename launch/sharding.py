@@ -1,0 +1,124 @@
+"""Device mesh and logical-axis sharding rules.
+
+Models annotate parameters with *logical* axis names (`nn.with_logical_partitioning`) and
+activations with `nn.with_logical_constraint`; this module maps those names onto a
+``('data', 'fsdp', 'tensor')`` mesh. The vocabulary:
+
+parameters                                activations
+  embed     transformer width               act_batch     batch
+  mlp       MLP hidden width                act_len       token axis
+  heads     attention heads                 act_embed     transformer width
+  kv        per-head width                  act_heads     attention heads
+  classes   label-embedding rows            act_mlp       MLP hidden width
+  conv_in   conv input channels             act_height / act_width / act_channels
+  conv_out  conv output channels
+  norm      norm scales / biases (1-D)
+
+Parameters are sharded FSDP-style along their width axis ('embed', 'conv_out') and
+tensor-parallel along heads / MLP width; the batch is split over data and fsdp together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_height", None),
+    ("act_width", None),
+    ("act_channels", None),
+    # parameters
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("classes", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("norm", None),
+)
+
+
+def create_mesh(shape: Sequence[int] | dict[str, int], devices=None) -> Mesh:
+    """A ``('data', 'fsdp', 'tensor')`` mesh; one entry of `shape` may be -1 (fill the rest).
+
+    Uses `jax.sharding.Mesh` (Auto axis types): Linen's logical partitioning does not work with
+    the Explicit axes that `jax.make_mesh` defaults to.
+    """
+    if isinstance(shape, dict):
+        unknown = set(shape) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected {MESH_AXES}")
+        shape = [shape.get(a, 1) for a in MESH_AXES]
+    shape = list(shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    n = devices.size
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: at most one -1")
+    if -1 in shape:
+        known = int(np.prod([s for s in shape if s != -1]))
+        if n % known:
+            raise ValueError(f"mesh shape {shape} does not divide {n} devices")
+        shape[shape.index(-1)] = n // known
+    if int(np.prod(shape)) != n:
+        raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {n}")
+    return Mesh(devices.reshape(shape), MESH_AXES)
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for a tree that may hold `nn.Partitioned` boxes (from `jax.eval_shape`).
+
+    Leaves without logical names are replicated. The result has the *unboxed* tree structure.
+    """
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
+    """Sharding of an input batch: leading axis over ('data', 'fsdp'), the rest replicated."""
+    spec = nn.logical_to_mesh_axes(("act_batch",) + (None,) * (ndim - 1), list(rules))
+    return NamedSharding(mesh, spec)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules=DEFAULT_RULES):
+    """Activate `mesh` and the logical rules; jit and trace sharded code inside it.
+
+    `jax.set_mesh` (not the deprecated ``with mesh:``) is what makes Flax's
+    `nn.with_logical_constraint` take effect.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        yield
+
+
+def sharded_init(init_fn, *args, mesh: Mesh, rules=DEFAULT_RULES):
+    """Create a state that is born sharded.
+
+    `init_fn(*args)` returns a pytree whose parameters carry `nn.Partitioned` boxes. Its shapes
+    and logical names are read under `jax.eval_shape` (nothing allocated), then the jitted init
+    writes every leaf straight into its shard. Returns ``(unboxed_state, shardings)``.
+    """
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = logical_shardings(abstract, mesh, rules)
+    with mesh_context(mesh, rules):
+        state = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+    return state, shardings

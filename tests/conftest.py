@@ -1,0 +1,61 @@
+"""Test session setup: 8 simulated CPU devices, parsed absl flags, golden-vector access."""
+
+import os
+
+# Must happen before jax is imported anywhere: sharding tests need 8 devices on a CPU host.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+# Goldens are float32 references: never let a backend use reduced-precision matmuls.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+# grain's multiprocessing reads absl flags; pytest never parses them.
+flags.FLAGS.mark_as_parsed()
+
+from helpers import GOLDEN_DIR, Golden, missing_golden  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def golden():
+    """Loader for `../shared/golden/<name>.npz`; skips when the folder is absent."""
+    cache = {}
+
+    def load(name: str) -> Golden:
+        path = GOLDEN_DIR / f"{name}.npz"
+        if not path.exists():
+            missing_golden(path)
+        if name not in cache:
+            cache[name] = Golden(path)
+        return cache[name]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def manifest():
+    def load(name: str) -> dict:
+        path = GOLDEN_DIR / "manifests" / f"manifest_{name}.json"
+        if not path.exists():
+            missing_golden(path)
+        return json.loads(path.read_text())
+
+    return load
+
+
+def pytest_terminal_summary(terminalreporter):
+    from helpers import PARITY
+
+    if not PARITY:
+        return
+    terminalreporter.section("golden parity (max abs error, tolerance)")
+    width = max(len(k) for k in PARITY)
+    for name in sorted(PARITY):
+        err, tol = PARITY[name]
+        terminalreporter.write_line(f"{name:<{width}}  {err:9.2e}  (atol {tol:g})")

@@ -1,0 +1,66 @@
+"""Shared test helpers: golden-vector access and layout conversion."""
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN_DIR = pathlib.Path(os.environ.get("GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+
+
+def missing_golden(path):
+    """CI sets REQUIRE_GOLDEN=1 so that absent vectors fail instead of skipping silently."""
+    message = f"golden file not found: {path} (set GOLDEN_DIR to the shared/golden folder)"
+    if os.environ.get("REQUIRE_GOLDEN") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def nhwc(a: np.ndarray) -> np.ndarray:
+    """NCHW golden arrays -> NHWC (any leading axes before C, H, W are kept)."""
+    return np.moveaxis(a, -3, -1)
+
+
+class Golden:
+    """One golden .npz: `g['out']`, `g.params` (upstream state dict), `g.meta` (its JSON)."""
+
+    def __init__(self, path: pathlib.Path):
+        with np.load(path, allow_pickle=False) as data:
+            self.arrays = {k: data[k] for k in data.files}
+        self.meta = json.loads(str(self.arrays.pop("meta_json", "{}")))
+        self.name = path.stem
+
+    def __getitem__(self, key):
+        return self.arrays[key]
+
+    def __contains__(self, key):
+        return key in self.arrays
+
+    def group(self, prefix: str) -> dict[str, np.ndarray]:
+        """Arrays under `prefix.` with the prefix removed (e.g. 'params' -> state dict)."""
+        n = len(prefix) + 1
+        return {k[n:]: v for k, v in self.arrays.items() if k.startswith(prefix + ".")}
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return self.group("params")
+
+
+
+
+# Max abs error observed per golden comparison; printed at the end of the run (conftest).
+PARITY: dict[str, tuple[float, float]] = {}
+
+
+def assert_close(got, want, *, atol: float = 1e-4, rtol: float = 1e-4, name: str) -> float:
+    """`np.testing.assert_allclose` that also records the max abs error under `name`."""
+    got = np.asarray(got, np.float64)
+    want = np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != golden {want.shape}"
+    err = float(np.max(np.abs(got - want))) if got.size else 0.0
+    PARITY[name] = (err, atol)
+    np.testing.assert_allclose(got, want, atol=atol, rtol=rtol, err_msg=name)
+    return err
