@@ -1,0 +1,117 @@
+"""LightningDiT torch <-> flax conversion: manifests, round trips, file formats, errors."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from dit_jax import RELEASED_FLAGS, lightningdit_kwargs
+from dit_jax.convert import (
+    abstract_params,
+    params_from_torch,
+    params_to_torch,
+    save_torch_checkpoint,
+)
+from dit_jax.model import LightningDiT
+from torchport import ConversionError, save_state_dict
+
+MAIN = "dit_p1_qknorm0"
+ROUND_TRIP_CASES = ["dit_p1_qknorm0", "dit_p1_woshift_qknorm1", "dit_p2_plain_qknorm1_learnsigma"]
+
+
+@functools.cache
+def _case(golden, case):
+    g = golden(case)
+    return g.params, g.meta["config"]
+
+
+@pytest.mark.parametrize("case", ROUND_TRIP_CASES)
+def test_round_trip_is_identity(golden, case):
+    sd, cfg = _case(golden, case)
+    back = params_to_torch(params_from_torch(sd, **cfg), **cfg)
+    assert list(back) == list(sd)  # same keys, upstream registration order
+    for key, value in sd.items():
+        assert back[key].shape == value.shape and back[key].dtype == np.float32, key
+        if key in ("pos_embed", "feat_rope.freqs_cos", "feat_rope.freqs_sin"):
+            # constants recomputed here: pos_embed bit-exact, RoPE cos/sin within 1 ulp
+            np.testing.assert_allclose(back[key], value, rtol=0, atol=6e-8, err_msg=key)
+        else:
+            np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("variant, name", [("LightningDiT-XL/1", "LightningDiT_XL_1"),
+                                           ("LightningDiT-B/1", "LightningDiT_B_1")])
+def test_export_matches_upstream_manifest(manifest, variant, name):
+    """params_to_torch of a fresh model = upstream state_dict, key for key (shapes, order)."""
+    m = manifest(name)
+    kwargs = lightningdit_kwargs(variant, **RELEASED_FLAGS)
+    # Zero arrays with the abstract shapes: nothing is initialised, only layouts are checked.
+    model = LightningDiT(**kwargs)
+    shapes = abstract_params(model)
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
+    sd = params_to_torch(zeros, **kwargs)
+    expected = [(e["key"], tuple(e["shape"])) for e in m["state_dict"]]
+    assert [(k, v.shape) for k, v in sd.items()] == expected
+    n_params = sum(v.size for k, v in sd.items() if not k.startswith("feat_rope"))
+    assert n_params == m["num_parameters"]
+
+
+def test_training_checkpoint_formats(golden, tmp_path):
+    """.pt with {'model','ema','opt','config'} (ema chosen), module. prefixes, .safetensors."""
+    sd, cfg = _case(golden, MAIN)
+    tensors = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
+    ema = {k: v + 1.0 for k, v in tensors.items() if k != "pos_embed" and "rope" not in k}
+    ema.update({k: tensors[k] for k in tensors if k == "pos_embed" or "rope" in k})
+    ckpt = tmp_path / "0080000.pt"
+    torch.save({"model": {"module." + k: v for k, v in tensors.items()}, "ema": ema,
+                "opt": {"state": {}}, "config": {"lr": 2e-4}}, ckpt)
+    got_ema = params_from_torch(ckpt, **cfg)
+    got_model = params_from_torch(ckpt, select=("model",), **cfg)
+    ref = params_from_torch(sd, **cfg)
+    np.testing.assert_array_equal(got_model["x_embedder"]["bias"], ref["x_embedder"]["bias"])
+    np.testing.assert_array_equal(got_ema["x_embedder"]["bias"], ref["x_embedder"]["bias"] + 1)
+
+    st = tmp_path / "model.safetensors"
+    save_state_dict(st, sd)
+    np.testing.assert_array_equal(params_from_torch(st, **cfg)["final_layer"]["linear"]["kernel"],
+                                  ref["final_layer"]["linear"]["kernel"])
+
+
+def test_save_torch_checkpoint_loads_back(golden, tmp_path):
+    sd, cfg = _case(golden, MAIN)
+    params = params_from_torch(sd, **cfg)
+    path = tmp_path / "export.pt"
+    save_torch_checkpoint(path, params, **cfg)
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"model", "ema"}
+    assert list(raw["ema"]) == list(sd)
+    np.testing.assert_array_equal(raw["ema"]["blocks.1.mlp.w12.weight"].numpy(),
+                                  sd["blocks.1.mlp.w12.weight"])
+
+
+def test_errors_list_every_bad_key(golden):
+    sd, cfg = _case(golden, MAIN)
+    bad = dict(sd)
+    del bad["blocks.0.attn.proj.bias"]
+    bad["blocks.0.attn.qkv.weight"] = np.zeros((191, 64), np.float32)
+    bad["blocks.7.unknown.weight"] = np.zeros(3, np.float32)
+    bad["pos_embed"] = sd["pos_embed"] + 0.5
+    with pytest.raises(ConversionError) as e:
+        params_from_torch(bad, **cfg)
+    msg = str(e.value)
+    assert "missing keys (1)" in msg and "blocks.0.attn.proj.bias" in msg
+    assert "unexpected keys (1)" in msg and "blocks.7.unknown.weight" in msg
+    assert "blocks.0.attn.qkv.weight: got (191, 64), expected (192, 64)" in msg
+    assert "pos_embed: max |diff| 0.5" in msg
+
+
+def test_wrong_architecture_is_reported(golden):
+    """Loading with the wrong flags names what differs instead of failing deep inside."""
+    sd, cfg = _case(golden, MAIN)
+    with pytest.raises(ConversionError, match=r"(?s)missing keys.*mlp\.fc1\.weight.*unexpected "
+                                              r"keys.*mlp\.w12\.weight"):
+        params_from_torch(sd, **{**cfg, "use_swiglu": False})
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        params_from_torch("nope.pt", **cfg)
