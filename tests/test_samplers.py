@@ -1,0 +1,164 @@
+"""Time grids, ODE/SDE samplers and guidance against upstream goldens and closed forms."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from helpers import assert_close, nhwc
+
+from dit_jax import LightningDiT, apply_guidance
+from dit_jax.convert import params_from_torch
+from dit_jax.samplers import (
+    integrate_ode,
+    integrate_sde,
+    make_sampler,
+    sample_latents,
+    time_grid,
+)
+
+SAMPLING_CASES = ["ode_cfg_800ep", "ode_cfg_64ep", "ode_nocfg_shift", "ode_demo"]
+
+
+def test_grid_constants():
+    """SPEC 3.4 / 3.6 / 12: 250-point grid with shift 0.3."""
+    t = time_grid(250, 0.3)
+    assert t.dtype == np.float32 and t[0] == 0.0 and t[-1] == 1.0
+    np.testing.assert_allclose(t[[1, 2, 248]], [0.00120822, 0.00242326, 0.9867374], rtol=5e-6)
+    np.testing.assert_allclose(t[124], 0.2293, atol=1e-4)  # the (lower) median grid point
+    evaluated = t[:-1]  # Euler evaluates the model at t_0 .. t_248, never at t = 1
+    for start, unguided in [(0.10, 68), (0.11, 73), (0.125, 81)]:
+        assert int(np.sum(evaluated < start)) == unguided
+    np.testing.assert_array_equal(time_grid(5), np.array([0, 0.25, 0.5, 0.75, 1], np.float32))
+
+
+def test_euler_evaluates_left_endpoints_only():
+    """v(x, t) = t integrates to the left Riemann sum over the grid: 249 evaluations, t=1 never."""
+    grid = time_grid(250, 0.3)
+    x0 = jnp.zeros((2, 1, 1, 1))
+    out = integrate_ode(lambda x, t: jnp.broadcast_to(t[:, None, None, None], x.shape), x0, grid)
+    expected = np.sum(grid[:-1].astype(np.float64) * np.diff(grid.astype(np.float64)))
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+
+
+@functools.cache
+def _sampling_setup(golden):
+    g = golden("transport_euler_sampling")
+    base = golden(g.meta["model_case"])
+    cfg = base.meta["config"]
+    return g, LightningDiT(**cfg), params_from_torch(base.params, **cfg)
+
+
+@pytest.mark.parametrize("case", SAMPLING_CASES)
+def test_euler_trajectories_match_upstream(golden, case):
+    g, model, params = _sampling_setup(golden)
+    spec = g.meta["cases"][case]
+    assert_close(time_grid(spec["num_sampling_steps"], spec["timestep_shift"]),
+                 g[f"{case}.t_grid"], atol=0, rtol=0, name=f"{case}.t_grid")
+    noise, labels = nhwc(g[f"{case}.init_noise"]), g[f"{case}.y"]
+    options = dict(num_steps=spec["num_sampling_steps"], timestep_shift=spec["timestep_shift"],
+                   return_trajectory=True)
+    n = spec["n"]
+    if spec["cfg_scale"]:
+        # Upstream doubles the batch; its kept half is our whole batch (cfg_channels=3 as upstream).
+        start = spec["cfg_interval_start"] if spec["cfg_interval"] else 0.0
+        options.update(cfg_scale=spec["cfg_scale"], cfg_interval_start=start, cfg_channels=3)
+        noise, labels = noise[:n], labels[:n]
+    final, trajectory = make_sampler(model, **options)(params, noise, labels)
+    assert_close(trajectory, nhwc(g[f"{case}.trajectory"])[:, :n], atol=1e-3, rtol=1e-3,
+                 name=f"{case}.trajectory")
+    assert_close(final, nhwc(g[f"{case}.final_sample"]), atol=1e-3, rtol=1e-3,
+                 name=f"{case}.final_sample")
+
+
+# Closed form: data x1 ~ N(M, S^2) per dimension, x0 ~ N(0, 1). The exact velocity
+# E[x1 - x0 | x_t] is linear in x_t, and every correct sampler must reproduce N(M, S^2).
+M, S = 2.0, 0.5
+
+
+def _gaussian_velocity(x, t):
+    tb = t[:, None, None, None]
+    return M + (tb * S**2 - (1 - tb)) / (tb**2 * S**2 + (1 - tb) ** 2) * (x - tb * M)
+
+
+@functools.cache
+def _noise():
+    return jax.random.normal(jax.random.key(0), (8192, 1, 1, 2))
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_ode_samplers_transport_gaussian(method):
+    out = jax.jit(lambda x: integrate_ode(_gaussian_velocity, x, time_grid(250, 0.3),
+                                          method=method))(_noise())
+    np.testing.assert_allclose([out.mean(), out.std()], [M, S], atol=0.02)
+
+
+def test_heun_is_second_order():
+    coarse = time_grid(10)
+    errors = {}
+    for method in ("euler", "heun"):
+        out = integrate_ode(_gaussian_velocity, _noise(), coarse, method=method)
+        errors[method] = abs(float(out.std()) - S)
+    assert errors["heun"] < errors["euler"] / 5, errors
+
+
+@pytest.mark.parametrize("form", ["SBDM", "sigma"])
+def test_sde_sampler_transports_gaussian(form):
+    grid = time_grid(250, 0.0, 0.04, 1 - 0.04)
+    out = jax.jit(lambda x: integrate_sde(_gaussian_velocity, x, grid, jax.random.key(1),
+                                          diffusion_form=form))(_noise())
+    np.testing.assert_allclose([out.mean(), out.std()], [M, S], atol=0.03)
+
+
+def test_guidance_interval_and_channels():
+    cond = jnp.ones((2, 2, 2, 5))
+    uncond = jnp.zeros((2, 2, 2, 5))
+    t = jnp.array([0.05, 0.5])
+    out = apply_guidance(cond, uncond, t, cfg_scale=4.0, cfg_interval_start=0.1)
+    np.testing.assert_array_equal(out[0], 1.0)  # t < start: conditional only
+    np.testing.assert_array_equal(out[1], 4.0)
+    out = apply_guidance(cond, uncond, t, cfg_scale=4.0, cfg_channels=3)
+    np.testing.assert_array_equal(out[..., :3], 4.0)
+    np.testing.assert_array_equal(out[..., 3:], 1.0)
+
+
+@functools.cache
+def _tiny_model():
+    model = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=16, depth=1,
+                         num_heads=2, num_classes=3, use_swiglu=True, use_rmsnorm=True,
+                         use_rope=True)
+    x = jnp.zeros((2, 4, 4, 4))
+    params = jax.jit(model.init)(jax.random.key(0), x, jnp.zeros(2), jnp.zeros(2, int))["params"]
+    # shift away from the zero init so the model output (and guidance) is not trivially 0
+    return model, jax.tree.map(lambda p: p + 0.1, nn.meta.unbox(params))
+
+
+def test_sampler_is_one_scan_independent_of_steps():
+    """The whole sampler is one jitted scan: its program does not grow with num_steps."""
+    model, params = _tiny_model()
+    noise, labels = jnp.zeros((2, 4, 4, 4)), jnp.array([0, 1])
+
+    def program(steps):
+        fn = functools.partial(sample_latents, model, num_steps=steps, cfg_scale=2.0)
+        jaxpr = jax.make_jaxpr(fn)(params, noise, labels).jaxpr
+        (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+        assert scan.params["length"] == steps - 1
+        return len(jaxpr.eqns), len(scan.params["jaxpr"].jaxpr.eqns)
+
+    assert program(10) == program(250)
+
+
+def test_sample_latents_runs_every_method():
+    model, params = _tiny_model()
+    noise = jax.random.normal(jax.random.key(2), (2, 4, 4, 4))
+    labels = jnp.array([0, 2])
+    for method in ("euler", "heun", "euler_maruyama"):
+        out = make_sampler(model, method=method, num_steps=8, timestep_shift=0.3, cfg_scale=3.0,
+                           cfg_interval_start=0.1)(params, noise, labels, jax.random.key(3))
+        assert out.shape == noise.shape and bool(jnp.all(jnp.isfinite(out)))
+    with pytest.raises(ValueError, match="needs an rng"):
+        sample_latents(model, params, noise, labels, method="euler_maruyama", num_steps=4)
+    with pytest.raises(ValueError, match="unknown sampling method"):
+        sample_latents(model, params, noise, labels, method="rk4", num_steps=4)
