@@ -1,0 +1,42 @@
+"""Image grids for sample previews (PNG, written with PIL)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] float images -> uint8 as upstream: uint8(clip(127.5 x + 128, 0, 255))."""
+    return np.clip(127.5 * np.asarray(images, np.float32) + 128.0, 0, 255).astype(np.uint8)
+
+
+def latent_preview(latents: np.ndarray) -> np.ndarray:
+    """First three latent channels of (N, H, W, C) as uint8 RGB, each sample min-max scaled."""
+    rgb = np.asarray(latents[..., :3], np.float32)
+    lo = rgb.min(axis=(1, 2, 3), keepdims=True)
+    hi = rgb.max(axis=(1, 2, 3), keepdims=True)
+    return ((rgb - lo) / np.maximum(hi - lo, 1e-8) * 255).astype(np.uint8)
+
+
+def save_grid(path: str | os.PathLike, images: np.ndarray, ncols: int | None = None,
+              upscale: int = 1) -> None:
+    """Tile uint8 images (N, H, W, 3) into one PNG, `ncols` per row (default ~sqrt N)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
+    n, h, w, _ = images.shape
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    grid = np.zeros((nrows * h, ncols * w, 3), np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncols)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
+    picture = Image.fromarray(grid)
+    if upscale > 1:
+        picture = picture.resize((grid.shape[1] * upscale, grid.shape[0] * upscale),
+                                 Image.NEAREST)
+    picture.save(path)

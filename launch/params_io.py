@@ -1,0 +1,48 @@
+"""Loading and saving parameter trees: orbax directories and upstream PyTorch files.
+
+`load_params` accepts an orbax params directory (written by `save_params` or
+`python -m launch.convert`) or anything the model's torch converter reads (.pt / .pth / .ckpt /
+.safetensors). Parameters are placed with `shardings` straight from the file when given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def save_params(path: str | os.PathLike, params) -> None:
+    """Write a params tree as an orbax checkpoint directory (`path` must not exist)."""
+    path = os.path.abspath(os.fspath(path))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, params)
+
+
+def restore_params(path: str | os.PathLike, abstract, shardings=None):
+    """Read an orbax params directory into the structure of `abstract` (ShapeDtypeStructs)."""
+    path = os.path.abspath(os.fspath(path))
+    if shardings is not None:
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path, abstract)
+
+
+def load_params(path: str | os.PathLike, *, abstract, from_torch: Callable[[str], dict],
+                shardings=None):
+    """Params from an orbax directory or a PyTorch file (converted with `from_torch(path)`)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return restore_params(path, abstract, shardings)
+    params = from_torch(path)
+    expected = jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype)), abstract)
+    got = jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype)), params)
+    if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
+        raise ValueError(f"{path}: converted parameters do not match the configured model")
+    if shardings is not None:
+        return jax.device_put(params, shardings)
+    return params
