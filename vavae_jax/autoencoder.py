@@ -1,0 +1,526 @@
+"""VA-VAE tokenizer: the LDM KL-autoencoder (Encoder / Decoder / quant convs) in Flax Linen.
+
+Activations are NHWC. Module and parameter names mirror the upstream PyTorch module tree so the
+state-dict converter (`vavae_jax.convert`) reads as a renaming table:
+
+    torch key                                  Flax path
+    encoder.conv_in.weight                     encoder/conv_in/kernel
+    encoder.down.0.block.1.norm1.weight        encoder/down_0/block_1/norm1/scale
+    encoder.down.4.attn.0.q.weight             encoder/down_4/attn_0/q/kernel
+    encoder.down.0.downsample.conv.weight      encoder/down_0/downsample/conv/kernel
+    encoder.mid.attn_1.proj_out.bias           encoder/mid/attn_1/proj_out/bias
+    decoder.up.3.block.0.nin_shortcut.weight   decoder/up_3/block_0/nin_shortcut/kernel
+    decoder.up.4.upsample.conv.weight          decoder/up_4/upsample/conv/kernel
+    quant_conv.weight / post_quant_conv.weight quant_conv/kernel, post_quant_conv/kernel
+    linear_proj.weight                         linear_proj/kernel      (only with use_vf)
+
+Every convolution (also the 1x1 ones) is an `nn.Conv`, so all kernels are (kh, kw, in, out).
+
+Level `i` works at resolution `resolution / 2**i` (level 0 = full resolution). Whether a level has
+attention is decided, as upstream, from the configured `resolution` and `attn_resolutions`, not from
+the size of the input actually passed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from vavae_jax.distributions import DiagonalGaussian
+
+Dtype = Any
+
+NUM_GROUPS = 32
+NORM_EPS = 1e-6
+
+CONV_KERNEL_AXES = (None, None, "conv_in", "conv_out")
+ACT_AXES = ("act_batch", "act_height", "act_width", "act_channels")
+
+# PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+# for the kernel, the same bound for the bias. Used so that training from scratch starts where
+# upstream does; loading a checkpoint overwrites it anyway.
+_torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _torch_bias_init(fan_in: int):
+    bound = fan_in**-0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def conv(
+    features: int,
+    kernel_size: int,
+    in_features: int,
+    *,
+    name: str,
+    stride: int = 1,
+    padding: Any = None,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+) -> nn.Conv:
+    """A square `nn.Conv` with PyTorch-style init; padding defaults to k // 2 on every side."""
+    if padding is None:
+        padding = ((kernel_size // 2, kernel_size // 2),) * 2
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(_torch_kernel_init, CONV_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(
+            _torch_bias_init(in_features * kernel_size**2), ("conv_out",)
+        ),
+        name=name,
+    )
+
+
+def group_norm(*, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
+    """GroupNorm(32 groups, eps 1e-6, affine) with two-pass variance, like torch.nn.GroupNorm.
+
+    Flax computes the statistics in at least float32 whatever `dtype` is; `dtype` only sets the
+    dtype of the normalised output.
+    """
+    return nn.GroupNorm(
+        num_groups=NUM_GROUPS,
+        epsilon=NORM_EPS,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+        name=name,
+    )
+
+
+def swish(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(x)
+
+
+def _constrain(x: jax.Array) -> jax.Array:
+    return nn.with_logical_constraint(x, ACT_AXES)
+
+
+def decode_to_uint8(x: jax.Array) -> jax.Array:
+    """Decoder output in ~[-1, 1], (B, H, W, 3) -> uint8 images (B, H, W, 3).
+
+    Same arithmetic as upstream's `decode_to_images`: +128 (not +127.5), clip, then a truncating
+    cast, so e.g. x = 0 maps to 128.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.clip(127.5 * x + 128.0, 0.0, 255.0).astype(jnp.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout of the resolution levels (shared with the converter)
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelSpec:
+    """One resolution level of the encoder or decoder.
+
+    index: upstream level index (the `i` in `encoder.down.{i}` / `decoder.up.{i}`).
+    in_channels: channels entering the first ResnetBlock (it gets a nin_shortcut if they differ
+      from `channels`).
+    channels: output channels of every ResnetBlock of the level (ch * ch_mult[i]).
+    num_blocks: ResnetBlocks in the level (num_res_blocks, or num_res_blocks + 1 in the decoder).
+    attention: an AttnBlock follows every ResnetBlock.
+    resample: the level ends with a Downsample (encoder) or Upsample (decoder).
+    """
+
+    index: int
+    in_channels: int
+    channels: int
+    num_blocks: int
+    attention: bool
+    resample: bool
+
+
+def encoder_levels(
+    ch: int,
+    ch_mult: Sequence[int],
+    num_res_blocks: int,
+    attn_resolutions: Sequence[int],
+    resolution: int,
+) -> list[LevelSpec]:
+    """Encoder levels in execution order (0, 1, ..., L-1)."""
+    levels = []
+    curr_res, block_in = resolution, ch
+    for i, mult in enumerate(ch_mult):
+        last = i == len(ch_mult) - 1
+        attention = curr_res in attn_resolutions
+        levels.append(LevelSpec(i, block_in, ch * mult, num_res_blocks, attention, not last))
+        block_in = ch * mult
+        if not last:
+            curr_res //= 2
+    return levels
+
+
+def decoder_levels(
+    ch: int,
+    ch_mult: Sequence[int],
+    num_res_blocks: int,
+    attn_resolutions: Sequence[int],
+    resolution: int,
+) -> list[LevelSpec]:
+    """Decoder levels in execution order (L-1, ..., 1, 0): lowest resolution first."""
+    levels = []
+    curr_res = resolution // 2 ** (len(ch_mult) - 1)
+    block_in = ch * ch_mult[-1]
+    for i in reversed(range(len(ch_mult))):
+        attention = curr_res in attn_resolutions
+        levels.append(
+            LevelSpec(i, block_in, ch * ch_mult[i], num_res_blocks + 1, attention, i != 0)
+        )
+        block_in = ch * ch_mult[i]
+        if i != 0:
+            curr_res *= 2
+    return levels
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class ResnetBlock(nn.Module):
+    """x + conv2(dropout(swish(norm2(conv1(swish(norm1(x))))))), with a 1x1 `nin_shortcut` on
+    the skip path when the channel count changes. (B, H, W, Cin) -> (B, H, W, out_channels)."""
+
+    out_channels: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c_in, c_out = x.shape[-1], self.out_channels
+        h = swish(group_norm(name="norm1", **kw)(x))
+        h = conv(c_out, 3, c_in, name="conv1", **kw)(h)
+        h = swish(group_norm(name="norm2", **kw)(h))
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = conv(c_out, 3, c_out, name="conv2", **kw)(h)
+        if c_in != c_out:
+            x = conv(c_out, 1, c_in, name="nin_shortcut", **kw)(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions at full channel width C, scale C^-0.5,
+    with 1x1-conv q/k/v/proj_out and a residual. (B, H, W, C) -> (B, H, W, C)."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, height, width, c = x.shape
+        h = group_norm(name="norm", **kw)(x)
+        # Row-major flattening of (H, W), as torch's reshape(b, c, h * w) of an NCHW tensor.
+        q = conv(c, 1, c, name="q", **kw)(h).reshape(b, height * width, c)
+        k = conv(c, 1, c, name="k", **kw)(h).reshape(b, height * width, c)
+        v = conv(c, 1, c, name="v", **kw)(h).reshape(b, height * width, c)
+        logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32) * (c**-0.5)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, height, width, c)
+        return x + conv(c, 1, c, name="proj_out", **kw)(out)
+
+
+class Downsample(nn.Module):
+    """Zero-pad right/bottom by one pixel, then a 3x3 stride-2 VALID conv: (B, H, W, C) ->
+    (B, H/2, W/2, C). (Upstream pads asymmetrically; SAME padding would pad top/left too.)"""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return conv(
+            c,
+            3,
+            c,
+            name="conv",
+            stride=2,
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 (each pixel repeated 2x2), then a 3x3 conv: (B, H, W, C) ->
+    (B, 2H, 2W, C)."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(c, 3, c, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+def _resnet_block_cls(remat: bool):
+    # `deterministic` (positional argument 2, counting self) must stay a Python bool under remat.
+    return nn.remat(ResnetBlock, static_argnums=(2,)) if remat else ResnetBlock
+
+
+class ResolutionLevel(nn.Module):
+    """`num_blocks` x (ResnetBlock `block_j` [+ AttnBlock `attn_j`]), then an optional resampler
+    (`downsample` or `upsample`, as `resample` says)."""
+
+    channels: int
+    num_blocks: int
+    attention: bool
+    resample: str | None  # None, "down" or "up"
+    dropout: float = 0.0
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        block_cls = _resnet_block_cls(self.remat)
+        for j in range(self.num_blocks):
+            x = block_cls(self.channels, dropout=self.dropout, name=f"block_{j}", **kw)(
+                x, deterministic
+            )
+            if self.attention:
+                x = AttnBlock(name=f"attn_{j}", **kw)(x)
+        if self.resample == "down":
+            x = Downsample(name="downsample", **kw)(x)
+        elif self.resample == "up":
+            x = Upsample(name="upsample", **kw)(x)
+        return _constrain(x)
+
+
+class MidBlock(nn.Module):
+    """block_1 -> attn_1 -> block_2 at the lowest resolution; channels unchanged."""
+
+    dropout: float = 0.0
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        block_cls = _resnet_block_cls(self.remat)
+        c = x.shape[-1]
+        x = block_cls(c, dropout=self.dropout, name="block_1", **kw)(x, deterministic)
+        x = AttnBlock(name="attn_1", **kw)(x)
+        x = block_cls(c, dropout=self.dropout, name="block_2", **kw)(x, deterministic)
+        return _constrain(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder / Decoder
+
+
+class Encoder(nn.Module):
+    """Image (B, H, W, Cin) -> moments (B, H/f, W/f, 2*z_channels if double_z else z_channels),
+    f = 2**(len(ch_mult) - 1)."""
+
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    resolution: int = 256
+    z_channels: int = 32
+    double_z: bool = True
+    dropout: float = 0.0
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        shared = dict(dropout=self.dropout, remat=self.remat, **kw)
+        levels = encoder_levels(
+            self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions, self.resolution
+        )
+        h = conv(self.ch, 3, x.shape[-1], name="conv_in", **kw)(_constrain(x))
+        for lv in levels:
+            h = ResolutionLevel(
+                channels=lv.channels,
+                num_blocks=lv.num_blocks,
+                attention=lv.attention,
+                resample="down" if lv.resample else None,
+                **shared,
+                name=f"down_{lv.index}",
+            )(h, deterministic)
+        h = MidBlock(**shared, name="mid")(h, deterministic)
+        h = swish(group_norm(name="norm_out", **kw)(h))
+        out_channels = 2 * self.z_channels if self.double_z else self.z_channels
+        return conv(out_channels, 3, h.shape[-1], name="conv_out", **kw)(h)
+
+
+class Decoder(nn.Module):
+    """Latent (B, h, w, z_channels) -> image (B, h*f, w*f, out_ch), f = 2**(len(ch_mult) - 1).
+    No output activation (values nominally in [-1, 1])."""
+
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    resolution: int = 256
+    dropout: float = 0.0
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        shared = dict(dropout=self.dropout, remat=self.remat, **kw)
+        levels = decoder_levels(
+            self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions, self.resolution
+        )
+        h = conv(levels[0].in_channels, 3, z.shape[-1], name="conv_in", **kw)(_constrain(z))
+        h = MidBlock(**shared, name="mid")(h, deterministic)
+        for lv in levels:  # lowest resolution first; names keep the upstream level index
+            h = ResolutionLevel(
+                channels=lv.channels,
+                num_blocks=lv.num_blocks,
+                attention=lv.attention,
+                resample="up" if lv.resample else None,
+                **shared,
+                name=f"up_{lv.index}",
+            )(h, deterministic)
+        h = swish(group_norm(name="norm_out", **kw)(h))
+        return conv(self.out_ch, 3, h.shape[-1], name="conv_out", **kw)(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autoencoder
+
+
+class AutoencoderKL(nn.Module):
+    """VA-VAE: Encoder -> quant_conv -> DiagonalGaussian; z -> post_quant_conv -> Decoder.
+
+    Defaults are the released f16d32 tokenizer (69,836,067 parameters): 256x256x3 images <->
+    16x16x32 latents.
+
+    Attributes:
+      embed_dim: latent channels (the `d` in f16d32).
+      double_z, z_channels, resolution, in_channels, out_ch, ch, ch_mult, num_res_blocks,
+        attn_resolutions, dropout: the upstream `ddconfig`.
+      use_vf: None, or the vision foundation model the latent is aligned to ('dinov2', 'mae'),
+        or directly that model's feature width. When set, the model owns `linear_proj`
+        (1x1 conv embed_dim -> vf_dim, no bias) used by `project_vf`.
+      vf_feature_dim: feature width of a named foundation model (1024 for DINOv2 ViT-L/14).
+      dtype: compute dtype (e.g. jnp.bfloat16). Norm statistics and the attention softmax stay
+        in float32; posterior moments and decoded images are returned in float32.
+      param_dtype: parameter dtype.
+      remat: rematerialise every ResnetBlock in the backward pass (saves activation memory).
+    """
+
+    embed_dim: int = 32
+    double_z: bool = True
+    z_channels: int = 32
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    dropout: float = 0.0
+    use_vf: str | int | None = None
+    vf_feature_dim: int = 1024
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @property
+    def vf_dim(self) -> int:
+        """Output width of `linear_proj`."""
+        if isinstance(self.use_vf, int):
+            return self.use_vf
+        return self.vf_feature_dim
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        shared = dict(
+            ch=self.ch,
+            ch_mult=self.ch_mult,
+            num_res_blocks=self.num_res_blocks,
+            attn_resolutions=self.attn_resolutions,
+            resolution=self.resolution,
+            dropout=self.dropout,
+            remat=self.remat,
+            **kw,
+        )
+        self.encoder = Encoder(z_channels=self.z_channels, double_z=self.double_z, **shared)
+        self.decoder = Decoder(out_ch=self.out_ch, **shared)
+        moments_in = 2 * self.z_channels if self.double_z else self.z_channels
+        self.quant_conv = conv(2 * self.embed_dim, 1, moments_in, name="quant_conv", **kw)
+        self.post_quant_conv = conv(
+            self.z_channels, 1, self.embed_dim, name="post_quant_conv", **kw
+        )
+        if self.use_vf is not None:
+            self.linear_proj = conv(
+                self.vf_dim, 1, self.embed_dim, name="linear_proj", use_bias=False, **kw
+            )
+
+    def encode(self, x: jax.Array, deterministic: bool = True) -> DiagonalGaussian:
+        """Images (B, H, W, in_channels) in [-1, 1] -> posterior over (B, H/f, W/f, embed_dim)."""
+        moments = self.quant_conv(self.encoder(x, deterministic))
+        return DiagonalGaussian.from_moments(moments.astype(jnp.float32))
+
+    def decode(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Latents (B, h, w, embed_dim) -> images (B, h*f, w*f, out_ch), float32."""
+        h = self.decoder(self.post_quant_conv(z), deterministic)
+        return h.astype(jnp.float32)
+
+    def project_vf(self, z: jax.Array) -> jax.Array:
+        """`linear_proj`: latents (B, h, w, embed_dim) -> (B, h, w, vf_dim), for the VF loss."""
+        if self.use_vf is None:
+            raise ValueError("project_vf needs a model built with use_vf set")
+        return self.linear_proj(z).astype(jnp.float32)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        rng: jax.Array | None = None,
+        sample_posterior: bool = True,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, DiagonalGaussian]:
+        """Reconstruct x (B, H, W, in_channels): returns (reconstruction, posterior).
+
+        The decoded latent is a posterior sample (noise from `rng`, or from the 'sample' RNG
+        stream when rng is None) or, with sample_posterior=False, the posterior mean.
+        deterministic=False enables dropout (needs a 'dropout' RNG; every released config uses
+        dropout 0.0, where it is a no-op).
+        """
+        posterior = self.encode(x, deterministic)
+        if sample_posterior:
+            z = posterior.sample(self.make_rng("sample") if rng is None else rng)
+        else:
+            z = posterior.mode()
+        if self.use_vf is not None and self.is_initializing():
+            self.project_vf(z)  # `init` only runs __call__: create linear_proj's kernel too
+        return self.decode(z, deterministic), posterior
