@@ -80,13 +80,28 @@ def create_mesh(shape: Sequence[int] | dict[str, int], devices=None) -> Mesh:
     return Mesh(devices.reshape(shape), MESH_AXES)
 
 
+def _divisible(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Replicate the dimensions that the assigned mesh axes do not divide evenly (e.g. the
+    3 output channels of an RGB conv on a 4-way fsdp axis)."""
+    entries = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        entries.append(axes if dim % size == 0 else None)
+    return PartitionSpec(*entries)
+
+
 def logical_shardings(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedShardings for a tree that may hold `nn.Partitioned` boxes (from `jax.eval_shape`).
 
-    Leaves without logical names are replicated. The result has the *unboxed* tree structure.
+    Leaves without logical names are replicated, and so is any dimension its mesh axes do not
+    divide. The result has the *unboxed* tree structure.
     """
-    specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+    specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_tree), list(rules))
+    shapes = nn.meta.unbox(abstract_tree)
+    return jax.tree.map(
+        lambda spec, leaf: NamedSharding(mesh, _divisible(spec, np.shape(leaf), mesh)),
+        specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
