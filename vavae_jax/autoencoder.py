@@ -351,7 +351,10 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True,
+                 features_only: bool = False) -> jax.Array:
+        """features_only: return the input of `conv_out` (after norm_out + swish); the train
+        step applies `conv_out` itself to get gradients at that layer cheaply."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shared = dict(dropout=self.dropout, remat=self.remat, **kw)
         levels = encoder_levels(
@@ -369,6 +372,8 @@ class Encoder(nn.Module):
             )(h, deterministic)
         h = MidBlock(**shared, name="mid")(h, deterministic)
         h = swish(group_norm(name="norm_out", **kw)(h))
+        if features_only and not self.is_initializing():
+            return h
         out_channels = 2 * self.z_channels if self.double_z else self.z_channels
         return conv(out_channels, 3, h.shape[-1], name="conv_out", **kw)(h)
 
@@ -389,7 +394,9 @@ class Decoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, z: jax.Array, deterministic: bool = True,
+                 features_only: bool = False) -> jax.Array:
+        """features_only: return the input of `conv_out` (see `Encoder`)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         shared = dict(dropout=self.dropout, remat=self.remat, **kw)
         levels = decoder_levels(
@@ -407,6 +414,8 @@ class Decoder(nn.Module):
                 name=f"up_{lv.index}",
             )(h, deterministic)
         h = swish(group_norm(name="norm_out", **kw)(h))
+        if features_only and not self.is_initializing():
+            return h
         return conv(self.out_ch, 3, h.shape[-1], name="conv_out", **kw)(h)
 
 
