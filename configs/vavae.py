@@ -1,0 +1,104 @@
+"""VA-VAE tokenizer configs: `get_config("<variant>")`.
+
+Variants (upstream vavae/configs/*.yaml; 256 global batch = 32 GPUs x 8, Adam 1e-4 (0.5, 0.9)):
+  tiny            CPU-sized model for tests and the demo (32x32 images, 8x8x4 latents,
+                  2-block DINOv2 with random weights).
+  f16d32_vfdinov2 the 50-epoch VA-VAE (vf_weight 0.1 adaptive, margins 0.25 / 0.5).
+  long_stage1     released schedule, stage 1: 100 epochs, vf_weight 0.5, no margins.
+  long_stage2     stage 2: 15 epochs, disc_start 1, vf_weight 0.1, no margins.
+  long_stage3     stage 3 (= the released tokenizer): 15 epochs, margins 0.25 / 0.5.
+  f16d32_ldm      the plain LDM KL-VAE baseline (no VF loss).
+
+`disc_start` counts PyTorch Lightning global steps (two per iteration) as upstream does.
+Weights the frozen parts need (not downloaded at run time): DINOv2 ViT-L/14 (timm
+`vit_large_patch14_dinov2.lvd142m` or the official `dinov2_vitl14_pretrain.pth`), torchvision
+`vgg16-397923af.pth` and the LPIPS heads `vgg.pth`; see README "VA-VAE weights".
+"""
+
+import ml_collections
+
+F16D32 = dict(double_z=True, z_channels=32, resolution=256, in_channels=3, out_ch=3, ch=128,
+              ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0)
+
+
+def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 23
+    config.model = ml_collections.ConfigDict(
+        {"embed_dim": 32, "ddconfig": dict(F16D32), "use_vf": "dinov2", "dtype": "float32",
+         "remat": False})
+    config.foundation = ml_collections.ConfigDict(
+        {"size": "L", "overrides": {}, "imagenet_norm": False})
+    config.discriminator = ml_collections.ConfigDict({"ndf": 64, "n_layers": 3})
+    config.loss = ml_collections.ConfigDict({
+        "kl_weight": 1e-6, "perceptual_weight": 1.0, "logvar": 0.0, "disc_start": 5001,
+        "disc_factor": 1.0, "disc_weight": 0.5, "disc_loss": "hinge", "vf_weight": 0.1,
+        "adaptive_vf": True, "distmat_margin": 0.25, "cos_margin": 0.5,
+        "distmat_weight": 1.0, "cos_weight": 1.0, "steps_per_iteration": 2})
+    config.optimizer = ml_collections.ConfigDict(
+        {"lr": 1e-4, "b1": 0.5, "b2": 0.9, "proj_fix": False})
+    config.train = ml_collections.ConfigDict(
+        {"global_batch_size": 256, "image_size": 256, "epochs": 50})
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+    if arg == "tiny":
+        config.model.embed_dim = 4
+        config.model.ddconfig.update(z_channels=4, resolution=32, ch=32, ch_mult=(1, 2, 2),
+                                     num_res_blocks=1, attn_resolutions=(8,))
+        config.foundation.update(size="S", overrides={"embed_dim": 32, "depth": 2,
+                                                      "num_heads": 2})
+        config.discriminator.update(ndf=8, n_layers=2)
+        config.loss.update(disc_start=0, perceptual_weight=0.0)
+        config.train.update(global_batch_size=8, image_size=32, epochs=1)
+    elif arg == "f16d32_vfdinov2":
+        pass
+    elif arg == "long_stage1":
+        config.loss.update(vf_weight=0.5, distmat_margin=0.0, cos_margin=0.0)
+        config.train.epochs = 100
+    elif arg == "long_stage2":
+        config.loss.update(disc_start=1, distmat_margin=0.0, cos_margin=0.0)
+        config.train.epochs = 15
+    elif arg == "long_stage3":
+        config.loss.update(disc_start=1)
+        config.train.epochs = 15
+    elif arg == "f16d32_ldm":
+        config.model.use_vf = None
+    else:
+        raise ValueError(f"unknown config variant {arg!r}: tiny, f16d32_vfdinov2, "
+                         "long_stage1..3, f16d32_ldm")
+    return config
+
+
+def build_models(config: ml_collections.ConfigDict):
+    """The `VAEModels` bundle, `LossConfig` and optimizers described by a config."""
+    import jax.numpy as jnp
+
+    from vavae_jax.autoencoder import AutoencoderKL
+    from vavae_jax.dinov2 import dinov2_model
+    from vavae_jax.discriminator import NLayerDiscriminator
+    from vavae_jax.lpips import LPIPS
+    from vavae_jax.train_step import LossConfig, VAEModels, make_optimizers
+
+    dtype = jnp.dtype(config.model.dtype)
+    foundation = None
+    use_vf = config.model.use_vf
+    if use_vf is not None:
+        foundation = dinov2_model(config.foundation.size, dtype=dtype,
+                                  **config.foundation.overrides)
+        use_vf = foundation.embed_dim
+    ddconfig = dict(config.model.ddconfig)
+    ddconfig.update(ch_mult=tuple(ddconfig["ch_mult"]),
+                    attn_resolutions=tuple(ddconfig["attn_resolutions"]))
+    autoencoder = AutoencoderKL(embed_dim=config.model.embed_dim, **ddconfig, use_vf=use_vf,
+                                dtype=dtype, remat=config.model.remat)
+    models = VAEModels(
+        autoencoder=autoencoder,
+        discriminator=NLayerDiscriminator(**config.discriminator, dtype=dtype),
+        lpips=LPIPS(dtype=dtype) if config.loss.perceptual_weight > 0 else None,
+        foundation=foundation,
+        imagenet_norm=config.foundation.imagenet_norm,
+    )
+    loss = LossConfig(**config.loss)
+    optimizers = make_optimizers(config.optimizer.lr, config.optimizer.b1, config.optimizer.b2,
+                                 proj_fix=config.optimizer.proj_fix)
+    return models, loss, optimizers

@@ -1,0 +1,340 @@
+"""VA-VAE training: generator (autoencoder) step and discriminator step as pure functions.
+
+Upstream (vavae/ldm/models/autoencoder.py + LPIPSWithDiscriminator), per iteration:
+
+  z = posterior sample, x_hat = decode(z), f = DINOv2(x) (constant), z' = linear_proj(z)
+  L_AE = nll + kl_weight * kl + d_weight * disc_factor_t * g_loss + vf_weight_t * vf_loss
+  d_weight    = ||d nll/dW_dec|| / (||d g_loss/dW_dec|| + 1e-4), clip [0, 1e4], * disc_weight
+  vf_weight_t = ||d nll/dW_enc|| / (||d vf_loss/dW_enc|| + 1e-4), clip [0, 1e8], * vf_weight
+  W_dec = decoder.conv_out kernel, W_enc = encoder.conv_out kernel; both weights carry no grad.
+  Adam step on the autoencoder, then the discriminator's hinge loss on (x, x_hat.detach()).
+
+The adaptive weights need gradients of several losses at two layers. Instead of extra
+backward passes over the whole model, `generator_grads` runs one forward with `jax.vjp` per
+stage (encoder body | encoder head | posterior | decoder body | decoder head | loss heads) and
+pulls cotangents back only as far as each quantity needs:
+
+  d nll/dW_dec, d g/dW_dec  : loss heads + the decoder's last conv only
+  d vf/dW_enc               : VF head + linear_proj + posterior + the encoder's last convs
+  d nll/dW_enc              : one extra decoder backward for activations only (weight
+                              gradients of that pass are dead code and removed by XLA)
+  total gradient            : one backward through every stage with the combined cotangent.
+
+`global_step` follows PyTorch Lightning's counting with two optimizers (it grows by 2 per
+iteration; the generator sees 2k, the discriminator 2k + 1), so `disc_start=5001` behaves as
+upstream (iteration ~2500).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from vavae_jax.autoencoder import AutoencoderKL, conv
+from vavae_jax.dinov2 import DinoV2, foundation_features
+from vavae_jax.discriminator import NLayerDiscriminator
+from vavae_jax.distributions import DiagonalGaussian
+from vavae_jax.gan import D_LOSSES, generator_loss
+from vavae_jax.losses import adaptive_weight, adopt_weight, kl_loss, reconstruction_nll, vf_loss
+from vavae_jax.lpips import LPIPS
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Hyper-parameters of ``LPIPSWithDiscriminator`` (released VA-VAE values)."""
+
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 1.0
+    logvar: float = 0.0  # frozen scalar; upstream initialises it to 0 and never trains it
+    disc_start: int = 5001  # in Lightning global steps (2 per iteration)
+    disc_factor: float = 1.0
+    disc_weight: float = 0.5
+    disc_loss: str = "hinge"
+    vf_weight: float = 0.1
+    adaptive_vf: bool = True
+    distmat_margin: float = 0.25
+    cos_margin: float = 0.5
+    distmat_weight: float = 1.0
+    cos_weight: float = 1.0
+    steps_per_iteration: int = 2  # Lightning increments global_step per optimizer step
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEModels:
+    """The modules of a VA-VAE training setup (hashable: pass them as static arguments)."""
+
+    autoencoder: AutoencoderKL
+    discriminator: NLayerDiscriminator
+    lpips: LPIPS | None = None  # None: no perceptual term
+    foundation: DinoV2 | None = None  # None: no VF loss (plain LDM VAE)
+    imagenet_norm: bool = False  # normalise foundation-model inputs (upstream: no)
+
+
+@flax.struct.dataclass
+class VAETrainState:
+    step: jax.Array  # completed iterations
+    params: Any  # autoencoder: encoder, decoder, quant_conv, post_quant_conv, linear_proj
+    opt_state: Any
+    disc_params: Any
+    disc_batch_stats: Any
+    disc_opt_state: Any
+
+
+def make_optimizers(lr: float = 1e-4, b1: float = 0.5, b2: float = 0.9, *,
+                    proj_fix: bool = False) -> tuple[optax.GradientTransformation, ...]:
+    """Upstream: Adam(lr, betas (0.5, 0.9)) for the autoencoder (+ linear_proj unless
+    `proj_fix`) and for the discriminator; no weight decay, schedule or clipping."""
+    ae = optax.adam(lr, b1=b1, b2=b2)
+    if proj_fix:
+        frozen = lambda params: {k: k == "linear_proj" for k in params}
+        ae = optax.chain(optax.masked(optax.set_to_zero(), frozen),
+                         optax.masked(ae, lambda p: {k: not v for k, v in frozen(p).items()}))
+    return ae, optax.adam(lr, b1=b1, b2=b2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages of the autoencoder as functions of their own parameters
+# ----------------------------------------------------------------------------------------------
+
+
+def _last_conv(ae: AutoencoderKL, features: int, in_features: int):
+    return conv(features, 3, in_features, name=None, dtype=ae.dtype, param_dtype=ae.param_dtype)
+
+
+def _encoder_body(ae, p_encoder, x):
+    """x (B, H, W, 3) -> input of encoder.conv_out (B, h, w, C)."""
+    return ae.apply({"params": {"encoder": p_encoder}}, x,
+                    method=lambda m, x: m.encoder(x, features_only=True))
+
+
+def _encoder_head(ae, p_conv_out, p_quant, h):
+    """encoder.conv_out then quant_conv: (B, h, w, C) -> moments (B, h, w, 2 embed_dim)."""
+    out = 2 * ae.z_channels if ae.double_z else ae.z_channels
+    moments = _last_conv(ae, out, h.shape[-1]).apply({"params": p_conv_out}, h)
+    moments = ae.apply({"params": {"quant_conv": p_quant}}, moments,
+                       method=lambda m, v: m.quant_conv(v))
+    return moments.astype(jnp.float32)
+
+
+def _decoder_body(ae, p_post_quant, p_decoder, z):
+    """z (B, h, w, embed_dim) -> input of decoder.conv_out (B, H, W, ch)."""
+    return ae.apply({"params": {"post_quant_conv": p_post_quant, "decoder": p_decoder}}, z,
+                    method=lambda m, z: m.decoder(m.post_quant_conv(z), features_only=True))
+
+
+def _decoder_head(ae, p_conv_out, h):
+    return _last_conv(ae, ae.out_ch, h.shape[-1]).apply({"params": p_conv_out}, h).astype(
+        jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generator
+# ----------------------------------------------------------------------------------------------
+
+
+def generator_grads(params, disc_params, disc_batch_stats, frozen: dict, x: jax.Array,
+                    eps: jax.Array, global_step: jax.Array, *, models: VAEModels,
+                    loss: LossConfig):
+    """Gradient of the upstream autoencoder objective for one batch.
+
+    Args:
+      params: autoencoder params; disc_params / disc_batch_stats: discriminator variables;
+      frozen: {'lpips': params or None, 'foundation': params or None} (never trained);
+      x: images (B, H, W, 3) in [-1, 1]; eps: posterior noise (B, h, w, embed_dim);
+      global_step: Lightning global step seen by the generator loss.
+    Returns:
+      (grads, new_disc_batch_stats, x_rec, metrics): x_rec is the reconstruction the
+      discriminator step uses; metrics are upstream's logged 'train/*' values.
+    """
+    ae = models.autoencoder
+    batch = x.shape[0]
+
+    # ---- forward, stage by stage, keeping each stage's pullback ----
+    h_enc, enc_body_vjp = jax.vjp(lambda p: _encoder_body(ae, p, x), params["encoder"])
+    moments, enc_head_vjp = jax.vjp(lambda pc, pq, h: _encoder_head(ae, pc, pq, h),
+                                    params["encoder"]["conv_out"], params["quant_conv"], h_enc)
+
+    def sample(m):
+        posterior = DiagonalGaussian.from_moments(m)
+        return posterior.sample_with_eps(eps), posterior.kl()
+
+    (z, kl), sample_vjp = jax.vjp(sample, moments)
+    h_dec, dec_body_vjp = jax.vjp(lambda pq, pd, z: _decoder_body(ae, pq, pd, z),
+                                  params["post_quant_conv"], params["decoder"], z)
+    x_rec, dec_head_vjp = jax.vjp(lambda pc, h: _decoder_head(ae, pc, h),
+                                  params["decoder"]["conv_out"], h_dec)
+
+    def nll_head(xr):
+        perceptual = None
+        if models.lpips is not None and loss.perceptual_weight > 0:
+            perceptual = models.lpips.apply({"params": frozen["lpips"]}, x, xr)
+        return reconstruction_nll(x, xr, perceptual, perceptual_weight=loss.perceptual_weight,
+                                  logvar=loss.logvar)
+
+    def g_head(xr):
+        logits, updates = models.discriminator.apply(
+            {"params": disc_params, "batch_stats": disc_batch_stats}, xr, train=True,
+            mutable=["batch_stats"])
+        return generator_loss(logits), (updates["batch_stats"], logits)
+
+    nll, nll_vjp, rec_loss = jax.vjp(nll_head, x_rec, has_aux=True)
+    g_loss, g_vjp, (new_batch_stats, logits_fake) = jax.vjp(g_head, x_rec, has_aux=True)
+    (ct_x_nll,) = nll_vjp(jnp.ones_like(nll))
+    (ct_x_g,) = g_vjp(jnp.ones_like(g_loss))
+
+    # ---- GAN weight from gradients at decoder.conv_out (loss heads + last conv only) ----
+    gw_nll, gh_nll = dec_head_vjp(ct_x_nll)
+    gw_g, gh_g = dec_head_vjp(ct_x_g)
+    if loss.disc_factor > 0:
+        d_weight = adaptive_weight(gw_nll["kernel"], gw_g["kernel"], max_value=1e4)
+        d_weight = d_weight * loss.disc_weight
+    else:
+        d_weight = jnp.zeros((), jnp.float32)
+    disc_factor = adopt_weight(loss.disc_factor, global_step, loss.disc_start)
+    w_gan = d_weight * disc_factor
+
+    # ---- VF weight from gradients at encoder.conv_out ----
+    use_vf = models.foundation is not None
+    ct_z_vf = jnp.zeros_like(z)
+    vf_value = vf_weight = jnp.zeros((), jnp.float32)
+    grad_proj = None
+    if use_vf:
+        latent_grid = z.shape[1:3]
+        f = foundation_features(models.foundation, frozen["foundation"], x, latent_grid,
+                                imagenet_norm=models.imagenet_norm)
+
+        def vf_head(p_proj, z):
+            z_proj = ae.apply({"params": {"linear_proj": p_proj}}, z,
+                              method=lambda m, z: m.project_vf(z))
+            return vf_loss(z_proj, f, margin_cos=loss.cos_margin, margin_dms=loss.distmat_margin,
+                           distmat_weight=loss.distmat_weight, cos_weight=loss.cos_weight)
+
+        vf_value, vf_vjp = jax.vjp(vf_head, params["linear_proj"], z)
+        grad_proj, ct_z_vf = vf_vjp(jnp.ones_like(vf_value))
+        if loss.adaptive_vf:
+            # d nll / dz needs the decoder backward (activation gradients only).
+            ct_z_nll = dec_body_vjp(gh_nll)[2]
+            zeros_kl = jnp.zeros_like(kl)
+            gw_enc_nll = enc_head_vjp(sample_vjp((ct_z_nll, zeros_kl))[0])[0]["kernel"]
+            gw_enc_vf = enc_head_vjp(sample_vjp((ct_z_vf, zeros_kl))[0])[0]["kernel"]
+            vf_weight = adaptive_weight(gw_enc_nll, gw_enc_vf, max_value=1e8) * loss.vf_weight
+        else:
+            vf_weight = jnp.asarray(loss.vf_weight, jnp.float32)
+
+    # ---- total gradient: one backward through every stage ----
+    g_post_quant, g_decoder, ct_z = dec_body_vjp(gh_nll + w_gan * gh_g)
+    ct_z = ct_z + vf_weight * ct_z_vf
+    ct_kl = jnp.full_like(kl, loss.kl_weight / batch)  # kl_loss = sum(kl) / B
+    (ct_moments,) = sample_vjp((ct_z, ct_kl))
+    g_enc_conv_out, g_quant, ct_h_enc = enc_head_vjp(ct_moments)
+    (g_encoder,) = enc_body_vjp(ct_h_enc)
+
+    grads = {
+        # the body stages see conv_out but do not use it: their gradient there is zero
+        "encoder": {**g_encoder, "conv_out": g_enc_conv_out},
+        "quant_conv": g_quant,
+        "post_quant_conv": g_post_quant,
+        "decoder": {**g_decoder,
+                    "conv_out": jax.tree.map(lambda a, b: a + w_gan * b, gw_nll, gw_g)},
+    }
+    if "linear_proj" in params:
+        grads["linear_proj"] = (jax.tree.map(lambda g: vf_weight * g, grad_proj) if use_vf
+                                else jax.tree.map(jnp.zeros_like, params["linear_proj"]))
+
+    kl_value = kl_loss(kl)
+    total = nll + loss.kl_weight * kl_value + w_gan * g_loss + vf_weight * vf_value
+    metrics = {
+        "total_loss": total, "logvar": jnp.asarray(loss.logvar, jnp.float32),
+        "kl_loss": kl_value, "nll_loss": nll, "rec_loss": rec_loss, "d_weight": d_weight,
+        "disc_factor": disc_factor, "g_loss": g_loss, "logits_fake_g": jnp.mean(logits_fake),
+    }
+    if use_vf:
+        metrics.update(vf_loss=vf_value, vf_weight=vf_weight)
+    return grads, new_batch_stats, jax.lax.stop_gradient(x_rec), metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Discriminator
+# ----------------------------------------------------------------------------------------------
+
+
+def discriminator_loss(disc_params, disc_batch_stats, x, x_rec, global_step, *,
+                       models: VAEModels, loss: LossConfig):
+    """disc_factor_t * D-loss(D(x), D(x_rec)) with two train-mode passes (real, then fake),
+    each normalising with its own batch statistics, as upstream. Returns (loss, aux)."""
+    variables = {"params": disc_params, "batch_stats": disc_batch_stats}
+    logits_real, upd = models.discriminator.apply(variables, x, train=True,
+                                                  mutable=["batch_stats"])
+    variables = {"params": disc_params, "batch_stats": upd["batch_stats"]}
+    logits_fake, upd = models.discriminator.apply(variables, jax.lax.stop_gradient(x_rec),
+                                                  train=True, mutable=["batch_stats"])
+    disc_factor = adopt_weight(loss.disc_factor, global_step, loss.disc_start)
+    d_loss = disc_factor * D_LOSSES[loss.disc_loss](logits_real, logits_fake)
+    aux = (upd["batch_stats"], {"disc_loss": d_loss, "logits_real": jnp.mean(logits_real),
+                                "logits_fake": jnp.mean(logits_fake)})
+    return d_loss, aux
+
+
+# ----------------------------------------------------------------------------------------------
+# One iteration
+# ----------------------------------------------------------------------------------------------
+
+
+def train_step(state: VAETrainState, batch: dict[str, jax.Array], rng: jax.Array,
+               frozen: dict, *, models: VAEModels, loss: LossConfig,
+               ae_optimizer: optax.GradientTransformation,
+               disc_optimizer: optax.GradientTransformation):
+    """Generator update, then discriminator update on the same (pre-update) reconstruction.
+
+    batch = {'image': (B, H, W, 3) in [-1, 1]}. The posterior noise comes from `rng` folded
+    with the step. Returns (new_state, metrics).
+    """
+    x = batch["image"]
+    ae = models.autoencoder
+    f = ae.downsample_factor
+    eps_shape = (x.shape[0], x.shape[1] // f, x.shape[2] // f, ae.embed_dim)
+    eps = jax.random.normal(jax.random.fold_in(rng, state.step), eps_shape, jnp.float32)
+    g_step = loss.steps_per_iteration * state.step
+
+    grads, batch_stats, x_rec, metrics = generator_grads(
+        state.params, state.disc_params, state.disc_batch_stats, frozen, x, eps, g_step,
+        models=models, loss=loss)
+    updates, opt_state = ae_optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    d_step = g_step + (1 if loss.steps_per_iteration > 1 else 0)
+    (_, (batch_stats, d_metrics)), d_grads = jax.value_and_grad(discriminator_loss,
+                                                                has_aux=True)(
+        state.disc_params, batch_stats, x, x_rec, d_step, models=models, loss=loss)
+    d_updates, disc_opt_state = disc_optimizer.update(d_grads, state.disc_opt_state,
+                                                      state.disc_params)
+    disc_params = optax.apply_updates(state.disc_params, d_updates)
+
+    metrics = {**metrics, **d_metrics, "grad_norm": optax.tree.norm(grads),
+               "disc_grad_norm": optax.tree.norm(d_grads)}
+    new_state = VAETrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                              disc_params=disc_params, disc_batch_stats=batch_stats,
+                              disc_opt_state=disc_opt_state)
+    return new_state, metrics
+
+
+def init_train_state(models: VAEModels, rng: jax.Array, image_shape: tuple[int, ...], *,
+                     ae_optimizer: optax.GradientTransformation,
+                     disc_optimizer: optax.GradientTransformation) -> VAETrainState:
+    """Fresh autoencoder + discriminator state for images of `image_shape` (B, H, W, 3).
+
+    Parameters keep their logical-partitioning boxes (see `launch.sharding.sharded_init`).
+    """
+    k_ae, k_disc, k_sample = jax.random.split(rng, 3)
+    x = jnp.zeros(image_shape, jnp.float32)
+    params = models.autoencoder.init({"params": k_ae, "sample": k_sample}, x)["params"]
+    disc_vars = models.discriminator.init(k_disc, x, train=False)
+    return VAETrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=ae_optimizer.init(params),
+        disc_params=disc_vars["params"], disc_batch_stats=disc_vars["batch_stats"],
+        disc_opt_state=disc_optimizer.init(disc_vars["params"]))
