@@ -539,3 +539,13 @@ def foundation_features(
     tokens = model.apply({"params": params}, x)
     patches = tokens[:, model.num_prefix_tokens :]
     return jax.lax.stop_gradient(patches.reshape(images.shape[0], h, w, model.embed_dim))
+
+
+def __getattr__(name: str):
+    """`vavae_jax.dinov2.params_from_torch` / `params_to_torch`: the converter lives in
+    `vavae_jax.dinov2_convert` (which imports this module), loaded on first use."""
+    if name in ("params_from_torch", "params_to_torch", "detect_layout"):
+        from vavae_jax import dinov2_convert
+
+        return getattr(dinov2_convert, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
