@@ -54,8 +54,8 @@ def pytest_terminal_summary(terminalreporter):
 
     if not PARITY:
         return
-    terminalreporter.section("golden parity (max abs error, tolerance)")
+    terminalreporter.section("parity vs goldens / reference formulas (max abs error; tolerances)")
     width = max(len(k) for k in PARITY)
     for name in sorted(PARITY):
-        err, tol = PARITY[name]
-        terminalreporter.write_line(f"{name:<{width}}  {err:9.2e}  (atol {tol:g})")
+        err, atol, rtol = PARITY[name]
+        terminalreporter.write_line(f"{name:<{width}}  {err:9.2e}  (atol {atol:g}, rtol {rtol:g})")

@@ -52,7 +52,7 @@ class Golden:
 
 
 # Max abs error observed per golden comparison; printed at the end of the run (conftest).
-PARITY: dict[str, tuple[float, float]] = {}
+PARITY: dict[str, tuple[float, float, float]] = {}
 
 
 def assert_close(got, want, *, atol: float = 1e-4, rtol: float = 1e-4, name: str) -> float:
@@ -61,6 +61,6 @@ def assert_close(got, want, *, atol: float = 1e-4, rtol: float = 1e-4, name: str
     want = np.asarray(want, np.float64)
     assert got.shape == want.shape, f"{name}: shape {got.shape} != golden {want.shape}"
     err = float(np.max(np.abs(got - want))) if got.size else 0.0
-    PARITY[name] = (err, atol)
+    PARITY[name] = (err, atol, rtol)
     np.testing.assert_allclose(got, want, atol=atol, rtol=rtol, err_msg=name)
     return err

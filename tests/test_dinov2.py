@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers import assert_close
 
 from torchport import ConversionError
 from vavae_jax.dinov2 import (
@@ -100,27 +101,23 @@ def test_timm_golden(timm_case, features_fn):
     """Upstream forward_dinov2 on a tiny timm DINOv2 (37x37 pos_embed, 256 -> 224 input)."""
     g, model, params = timm_case
     x = jnp.asarray(_images(g))
-    errors = {}
 
     x224 = preprocess(x, (224, 224))
     crop = np.asarray(x224).transpose(0, 3, 1, 2)[:, :, :64, :64]
-    errors["x224_crop64"] = _max_err(crop, g["x224_crop64"])
-    np.testing.assert_allclose(crop, g["x224_crop64"], **TOL)
+    assert_close(crop, g["x224_crop64"], name="dinov2_timm_tiny.x224_crop64", **TOL)
 
     pos = resample_pos_embed(params["pos_embed"], (16, 16))
-    errors["pos_embed_resampled_16x16"] = _max_err(pos, g["pos_embed_resampled_16x16"])
-    np.testing.assert_allclose(pos, g["pos_embed_resampled_16x16"], atol=1e-6, rtol=1e-6)
+    assert_close(pos, g["pos_embed_resampled_16x16"], atol=1e-6, rtol=1e-6,
+                 name="dinov2_timm_tiny.pos_embed_resampled_16x16")
 
     tokens = jax.jit(lambda p, v: model.apply({"params": p}, v))(params, x224)
-    errors["forward_features_224"] = _max_err(tokens, g["forward_features_224"])
-    np.testing.assert_allclose(tokens, g["forward_features_224"], **TOL)
+    assert_close(tokens, g["forward_features_224"], name="dinov2_timm_tiny.forward_features_224",
+                 **TOL)
 
     feats = features_fn(params, x, 16)  # (B, 16, 16, C)
     assert feats.shape == (2, 16, 16, 32)
     nchw = np.asarray(feats).transpose(0, 3, 1, 2)
-    errors["aux_features"] = _max_err(nchw, g["aux_features"])
-    np.testing.assert_allclose(nchw, g["aux_features"], **TOL)
-    print("dinov2_timm_tiny max abs errors:", errors)
+    assert_close(nchw, g["aux_features"], name="dinov2_timm_tiny.aux_features", **TOL)
 
 
 def test_hf_golden(golden, timm_case):
@@ -133,18 +130,15 @@ def test_hf_golden(golden, timm_case):
     # Same weights as the timm golden (mask_token is ignored).
     jax.tree.map(np.testing.assert_array_equal, params, timm_params)
 
-    errors = {}
     for grid in (8, 16):
         name = f"pos_embed_interpolated_{grid}x{grid}"
         pos = resample_pos_embed(params["pos_embed"], (grid, grid), "bicubic")
-        errors[name] = _max_err(pos, h[name])
-        np.testing.assert_allclose(pos, h[name], atol=1e-6, rtol=1e-6)
+        assert_close(pos, h[name], atol=1e-6, rtol=1e-6, name=f"dinov2_hf_tiny.{name}")
 
     x112 = jnp.asarray(h["x112"].transpose(0, 2, 3, 1))
     hidden = jax.jit(lambda p, v: model.apply({"params": p}, v))(params, x112)
-    errors["last_hidden_state_112"] = _max_err(hidden, h["last_hidden_state_112"])
-    np.testing.assert_allclose(hidden, h["last_hidden_state_112"], **TOL)
-    print("dinov2_hf_tiny max abs errors:", errors)
+    assert_close(hidden, h["last_hidden_state_112"],
+                 name="dinov2_hf_tiny.last_hidden_state_112", **TOL)
 
 
 def test_input_512_gives_32x32_grid(timm_case, features_fn):

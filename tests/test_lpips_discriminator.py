@@ -1,5 +1,6 @@
 """LPIPS and the PatchGAN discriminator against the upstream goldens, plus their converters."""
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,10 +32,8 @@ def nchw(x):
 
 
 def assert_close(name, got, want, **tol):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert got.shape == want.shape, (name, got.shape, want.shape)
-    print(f"{name}: max abs err {np.max(np.abs(got - want)):.3g}")
-    np.testing.assert_allclose(got, want, err_msg=name, **(tol or TOL))
+    """helpers.assert_close (records the error for the parity summary) with this file's TOL."""
+    helpers.assert_close(got, want, name=name, **{**TOL, **tol})
 
 
 def assert_same_state_dict(a, b):

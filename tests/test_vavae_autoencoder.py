@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from flax import traverse_util
+from helpers import assert_close
 from jax.sharding import PartitionSpec
 
 from torchport import ConversionError, conv_to_flax
@@ -34,10 +35,6 @@ ATOL = RTOL = 1e-4
 def nhwc(a):
     a = np.asarray(a)
     return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
-
-
-def max_abs(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,8 +104,7 @@ GOLDEN_ARRAYS = [
 def test_matches_golden(tiny, tiny_outputs, name):
     want, got = nhwc(tiny.g[name]), tiny_outputs[name]
     assert got.shape == want.shape and got.dtype == np.float32
-    print(f"{name}: max|diff| = {max_abs(got, want):.3g} (max|ref| = {np.abs(want).max():.3g})")
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+    assert_close(got, want, atol=ATOL, rtol=RTOL, name=f"vavae_tiny.{name}")
 
 
 def test_decode_to_uint8_formula(tiny):
