@@ -3,6 +3,8 @@
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -64,3 +66,12 @@ def assert_close(got, want, *, atol: float = 1e-4, rtol: float = 1e-4, name: str
     PARITY[name] = (err, atol, rtol)
     np.testing.assert_allclose(got, want, atol=atol, rtol=rtol, err_msg=name)
     return err
+
+
+def run_module(*args: str, timeout: int = 300) -> str:
+    """Run ``python -m <args>`` from the repository root (2 simulated devices); return stdout."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

@@ -1,27 +1,16 @@
 """Entry points run as a user runs them: sampling demo and checkpoint conversion."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import torch
-from helpers import REPO
+from helpers import run_module as _run
 
 TINY_OVERRIDES = [  # the tiny config reshaped to the architecture of the golden DiT case
     "--config.model.hidden_size=64", "--config.model.num_heads=4",
     "--config.model.in_channels=32", "--config.model.patch_size=1",
     "--config.model.num_classes=10",
 ]
-
-
-def _run(*args):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 def test_sample_demo(tmp_path):
