@@ -52,8 +52,8 @@ def test_export_matches_upstream_manifest(manifest, variant, name):
     shapes = abstract_params(model)
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
     sd = params_to_torch(zeros, **kwargs)
-    expected = [(e["key"], tuple(e["shape"])) for e in m["state_dict"]]
-    assert [(k, v.shape) for k, v in sd.items()] == expected
+    expected = [(e["key"], tuple(e["shape"]), e["dtype"]) for e in m["state_dict"]]
+    assert [(k, v.shape, str(v.dtype)) for k, v in sd.items()] == expected
     n_params = sum(v.size for k, v in sd.items() if not k.startswith("feat_rope"))
     assert n_params == m["num_parameters"]
 
