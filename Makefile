@@ -1,7 +1,9 @@
 # Quick start: `make demo` (install + run the demo), `make test` (install + run the tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?=
+# two workers (one per core on the CI machines); a test file stays on one worker so its cached
+# jitted setups are compiled once
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: install demo test test-slow lint bench clean
 

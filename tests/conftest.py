@@ -12,6 +12,9 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import json  # noqa: E402
+import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
@@ -49,13 +52,42 @@ def manifest():
     return load
 
 
-def pytest_terminal_summary(terminalreporter):
+# With pytest-xdist each worker records its own comparisons: workers write them to a folder the
+# controller created, and the controller merges them into one summary.
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):
+        config.parity_dir = tempfile.mkdtemp(prefix="parity-")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput["parity_dir"] = node.config.parity_dir
+
+
+def pytest_sessionfinish(session):
     from helpers import PARITY
 
-    if not PARITY:
+    workerinput = getattr(session.config, "workerinput", None)
+    if workerinput is not None and PARITY:
+        path = pathlib.Path(workerinput["parity_dir"]) / f"{workerinput['workerid']}.json"
+        path.write_text(json.dumps(PARITY))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    from helpers import PARITY
+
+    records = dict(PARITY)
+    parity_dir = getattr(config, "parity_dir", None)
+    if parity_dir:
+        for path in pathlib.Path(parity_dir).glob("*.json"):
+            records.update({k: tuple(v) for k, v in json.loads(path.read_text()).items()})
+        shutil.rmtree(parity_dir, ignore_errors=True)
+    if not records:
         return
     terminalreporter.section("parity vs goldens / reference formulas (max abs error; tolerances)")
-    width = max(len(k) for k in PARITY)
-    for name in sorted(PARITY):
-        err, atol, rtol = PARITY[name]
+    width = max(len(k) for k in records)
+    for name in sorted(records):
+        err, atol, rtol = records[name]
         terminalreporter.write_line(f"{name:<{width}}  {err:9.2e}  (atol {atol:g}, rtol {rtol:g})")
