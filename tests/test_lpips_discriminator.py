@@ -78,8 +78,10 @@ def test_lpips_matches_golden(lpips_golden, lpips_params):
     g, _ = lpips_golden
     dist, layers = lpips_fn(lpips_params, nhwc(g["input0"]), nhwc(g["input1"]))
     assert dist.shape == (2, 1, 1, 1)
-    assert_close("lpips per_layer_spatial_mean", layers[..., None], g["per_layer_spatial_mean"])
-    assert_close("lpips", dist, g["lpips"])
+    assert_close(
+        "lpips_random_vgg.per_layer_spatial_mean", layers[..., None], g["per_layer_spatial_mean"]
+    )
+    assert_close("lpips_random_vgg.lpips", dist, g["lpips"])
 
     same, _ = lpips_fn(lpips_params, nhwc(g["input0"]), nhwc(g["input0"]))
     np.testing.assert_allclose(same, 0.0, atol=1e-12)  # ~1e-16: XLA's conv is not batch-invariant
@@ -155,7 +157,7 @@ def test_discriminator_matches_golden(golden):
 
     logits, updates = d_train_fn(variables, x)
     assert logits.shape == (2, 6, 6, 1)
-    assert_close("disc logits_train_mode", nchw(logits), g["logits_train_mode"])
+    assert_close("discriminator_tiny.logits_train_mode", nchw(logits), g["logits_train_mode"])
 
     after = {"params": variables["params"], **updates}
     state = disc.variables_to_torch(after, TINY_D)
@@ -164,12 +166,16 @@ def test_discriminator_matches_golden(golden):
             assert state[key].dtype == np.int64 and state[key] == want == 1, key
         else:  # tight: flax.linen.BatchNorm's biased-variance update is off by up to 2.6e-4
             assert_close(
-                f"disc state_after_train_forward.{key}", state[key], want, atol=1e-6, rtol=1e-6
+                f"discriminator_tiny.state_after_train_forward.{key}",
+                state[key],
+                want,
+                atol=1e-6,
+                rtol=1e-6,
             )
 
     logits_eval = d_eval_fn(after, x)
     assert_close(
-        "disc logits_eval_mode_after_one_train_forward",
+        "discriminator_tiny.logits_eval_mode_after_one_train_forward",
         nchw(logits_eval),
         g["logits_eval_mode_after_one_train_forward"],
     )
@@ -195,7 +201,7 @@ def test_discriminator_and_gan_losses_in_vavae_training_step(golden):
     # The golden's final conv was scaled by 100 (|logits| up to ~80), so absolute errors are
     # ~100x those of an O(1) output: atol 1e-3 (about 1e-5 of the logit range).
     assert_close(
-        "disc logits_real_disc_pass",
+        "vavae_train.logits_real_disc_pass(discriminator only)",
         nchw(logits_real),
         g["logits_real_disc_pass"],
         atol=1e-3,
@@ -205,13 +211,17 @@ def test_discriminator_and_gan_losses_in_vavae_training_step(golden):
     real, fake = g["logits_real_disc_pass"], g["logits_fake_disc_pass"]
     disc_factor = float(g["result.train.disc_factor"])
     assert_close(
-        "hinge disc_loss", disc_factor * gan.hinge_d_loss(real, fake), g["result.train.disc_loss"]
+        "vavae_train.disc_loss(from golden logits)",
+        disc_factor * gan.hinge_d_loss(real, fake),
+        g["result.train.disc_loss"],
     )
     assert_close(
-        "g_loss", gan.generator_loss(g["logits_fake_generator_pass"]), g["result.train.g_loss"]
+        "vavae_train.g_loss(from golden logits)",
+        gan.generator_loss(g["logits_fake_generator_pass"]),
+        g["result.train.g_loss"],
     )
     want = 0.5 * (np.mean(np.logaddexp(0, -real)) + np.mean(np.logaddexp(0, fake)))
-    assert_close("vanilla_d_loss", gan.vanilla_d_loss(real, fake), want)
+    assert_close("formula.vanilla_d_loss", gan.vanilla_d_loss(real, fake), want)
 
 
 def test_discriminator_bad_keys(golden):
