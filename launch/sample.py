@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from flax import linen as nn
 from ml_collections import config_flags
 
 from configs.lightningdit import architecture_kwargs, model_kwargs
@@ -38,23 +39,19 @@ _LABELS = flags.DEFINE_list("labels", None, "Class labels (cycled); default: ran
 
 
 def build_params(config, model, mesh, checkpoint: str | None):
-    """Parameters born sharded over `mesh`: initialised or loaded."""
+    """Parameters born sharded over `mesh`: initialised, or loaded from `checkpoint`."""
     s = model.input_size
     init_args = (jnp.zeros((1, s, s, model.in_channels)), jnp.zeros((1,)),
                  jnp.zeros((1,), jnp.int32))
-    init = functools.partial(model.init, method=None)
-    abstract_boxed = jax.eval_shape(init, jax.random.key(config.seed), *init_args)["params"]
-    shardings = sharding.logical_shardings(abstract_boxed, mesh)
+    init = lambda rng: model.init(rng, *init_args)["params"]
+    rng = jax.random.key(config.seed)
     if checkpoint is None:
-        params, _ = sharding.sharded_init(lambda r: init(r, *init_args)["params"],
-                                          jax.random.key(config.seed), mesh=mesh)
-        return params
-    from flax import linen as nn
-
-    abstract = nn.meta.unbox(abstract_boxed)
+        return sharding.sharded_init(init, rng, mesh=mesh)[0]
+    abstract_boxed = jax.eval_shape(init, rng)
     to_flax = lambda path: params_from_torch(path, **architecture_kwargs(config))
-    return params_io.load_params(checkpoint, abstract=abstract, from_torch=to_flax,
-                                 shardings=shardings)
+    return params_io.load_params(checkpoint, abstract=nn.meta.unbox(abstract_boxed),
+                                 from_torch=to_flax,
+                                 shardings=sharding.logical_shardings(abstract_boxed, mesh))
 
 
 def main(argv):
