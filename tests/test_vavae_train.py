@@ -1,5 +1,6 @@
 """VA-VAE losses and train steps: golden parity, staged gradients vs brute force, sharding."""
 
+import dataclasses
 import functools
 
 import jax
@@ -212,6 +213,14 @@ def test_staged_gradients_equal_brute_force(setup):
         atol = max(2e-5 * float(jnp.abs(want).max()), 1e-6 * global_scale)
         np.testing.assert_allclose(got, want, atol=atol, rtol=0,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_dropout_is_rejected_not_ignored():
+    models, loss, _, _, state, frozen, x = _tiny()
+    models = dataclasses.replace(models, autoencoder=models.autoencoder.clone(dropout=0.1))
+    with pytest.raises(NotImplementedError, match="dropout 0.1"):
+        generator_grads(state.params, state.disc_params, state.disc_batch_stats, frozen, x,
+                        jnp.zeros((4, 8, 8, 4)), jnp.int32(0), models=models, loss=loss)
 
 
 # ---------------------------------------------------------------------------------------------

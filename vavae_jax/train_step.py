@@ -152,6 +152,10 @@ def generator_grads(params, disc_params, disc_batch_stats, frozen: dict, x: jax.
       discriminator step uses; metrics are upstream's logged 'train/*' values.
     """
     ae = models.autoencoder
+    if ae.dropout > 0:
+        raise NotImplementedError(
+            f"autoencoder dropout {ae.dropout}: the train step runs the autoencoder "
+            "deterministically (every upstream VA-VAE config uses dropout 0.0)")
     batch = x.shape[0]
 
     # ---- forward, stage by stage, keeping each stage's pullback ----
