@@ -31,6 +31,7 @@ from torchport import (
     linear_to_torch,
     load_state_dict,
     save_state_dict,
+    source_name,
     to_flax,
     to_torch,
 )
@@ -139,10 +140,6 @@ def abstract_params(model: LightningDiT) -> dict:
     return nn.meta.unbox(variables["params"])
 
 
-def _model(model_kwargs: Mapping[str, Any]) -> LightningDiT:
-    return LightningDiT(**model_kwargs)
-
-
 def params_from_torch(
     source: str | os.PathLike | Mapping[str, Any],
     *,
@@ -154,10 +151,10 @@ def params_from_torch(
     `model_kwargs` are `LightningDiT` constructor arguments describing the checkpoint.
     Raises `torchport.ConversionError` listing every missing, unexpected or mis-shaped key.
     """
-    model = _model(model_kwargs)
+    model = LightningDiT(**model_kwargs)
     state_dict = load_state_dict(source, select=select)
     shapes = traverse_util.flatten_dict(abstract_params(model))
-    name = os.fspath(source) if isinstance(source, str | os.PathLike) else "state dict"
+    name = source_name(source)
     params = to_flax(state_dict, conversion_rules(model), shapes, what=_describe(model),
                      source=name)
     return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
@@ -165,7 +162,7 @@ def params_from_torch(
 
 def params_to_torch(params: Mapping, **model_kwargs) -> dict[str, np.ndarray]:
     """Flax params -> upstream state dict (numpy, upstream key order, incl. pos_embed / RoPE)."""
-    model = _model(model_kwargs)
+    model = LightningDiT(**model_kwargs)
     return to_torch(nn.meta.unbox(params), conversion_rules(model), what=_describe(model))
 
 

@@ -112,10 +112,10 @@ class LayerNorm(nn.Module):
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(self.dtype)
         if self.affine:
-            init = lambda init: nn.with_logical_partitioning(init, ("norm",))
-            scale = self.param("scale", init(nn.initializers.ones_init()), (x.shape[-1],),
+            norm_axes = lambda fn: nn.with_logical_partitioning(fn, ("norm",))
+            scale = self.param("scale", norm_axes(nn.initializers.ones_init()), (x.shape[-1],),
                                self.param_dtype)
-            bias = self.param("bias", init(nn.initializers.zeros_init()), (x.shape[-1],),
+            bias = self.param("bias", norm_axes(nn.initializers.zeros_init()), (x.shape[-1],),
                               self.param_dtype)
             y = y * scale.astype(self.dtype) + bias.astype(self.dtype)
         return y

@@ -17,7 +17,12 @@ from torchport.layouts import (
     linear_to_torch,
 )
 from torchport.rules import ConversionError, Rule, expected_torch_shapes, to_flax, to_torch
-from torchport.state_dict import load_state_dict, save_state_dict, strip_prefixes
+from torchport.state_dict import (
+    load_state_dict,
+    save_state_dict,
+    source_name,
+    strip_prefixes,
+)
 
 __all__ = [
     "ConversionError",
@@ -30,6 +35,7 @@ __all__ = [
     "linear_to_torch",
     "load_state_dict",
     "save_state_dict",
+    "source_name",
     "strip_prefixes",
     "to_flax",
     "to_torch",

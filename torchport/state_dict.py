@@ -61,6 +61,11 @@ def _read_file(path: str) -> Mapping[str, Any]:
     )
 
 
+def source_name(source: Any) -> str:
+    """How error messages name a checkpoint source: its path, or "state dict" for a mapping."""
+    return os.fspath(source) if isinstance(source, str | os.PathLike) else "state dict"
+
+
 def strip_prefixes(
     state_dict: Mapping[str, Any], prefixes: Sequence[str] = ("module.", "_orig_mod.")
 ) -> dict[str, Any]:
@@ -92,7 +97,7 @@ def load_state_dict(
     Non-array entries (optimizer state, configs, step counters) are dropped; `module.` and
     `_orig_mod.` prefixes are stripped.
     """
-    name = os.fspath(source) if isinstance(source, str | os.PathLike) else "state dict"
+    name = source_name(source)
     raw = _read_file(name) if isinstance(source, str | os.PathLike) else source
     if not isinstance(raw, Mapping):
         raise ValueError(

@@ -33,6 +33,7 @@ from torchport import (
     conv_to_flax,
     conv_to_torch,
     load_state_dict,
+    source_name,
     to_flax,
     to_torch,
 )
@@ -188,7 +189,7 @@ def params_from_torch(
     elif not keep and model.use_vf is not None:
         model = model.clone(use_vf=None)
 
-    name = os.fspath(source) if isinstance(source, str | os.PathLike) else "state dict"
+    name = source_name(source)
     state_dict = load_state_dict(source, select=("state_dict",))
     rules = torch_rules(model)
     shapes = traverse_util.flatten_dict(abstract_params(model))

@@ -58,6 +58,7 @@ from torchport import (
     linear_to_flax,
     linear_to_torch,
     load_state_dict,
+    source_name,
     to_flax,
     to_torch,
 )
@@ -336,7 +337,7 @@ def params_from_torch(
         model = dinov2_model(**cfg)
     elif cfg:
         raise TypeError("give either `model` or dinov2_model arguments, not both")
-    name = os.fspath(source) if isinstance(source, str | os.PathLike) else "state dict"
+    name = source_name(source)
     state_dict = load_state_dict(source, select=("state_dict",))
     if prefix is None and any(k.startswith(VAVAE_PREFIX) for k in state_dict):
         prefix = VAVAE_PREFIX
