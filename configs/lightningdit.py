@@ -55,6 +55,21 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
     # empty = leave the sampled latents normalised.
     config.latent_stats = ""
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # latents in upstream's layout (launch.data.latents): `latents` or `latents_flip` with
+    # p = 0.5, normalised with latents_stats.pt, as upstream's ImgLatentDataset
+    config.data = ml_collections.ConfigDict({
+        "source": "latents",
+        "path": "",  # the directory of latents_rank*_shard*.safetensors + latents_stats.pt
+        "latent_norm": True,
+        "latent_multiplier": 1.0,
+        "flip": True,
+        "worker_count": 2,
+        "read_threads": 8,
+        "prefetch": 8,
+        "max_bad_fraction": 0.0,
+        "bad_fraction_min_items": 1000,
+        "max_attempts": 4,
+    })
 
     if arg == "tiny":
         config.model = _model("LightningDiT-S/2", name="tiny", depth=2, hidden_size=64,
@@ -63,6 +78,10 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
         config.train.max_steps = 100
         config.sample.update(num_steps=16, cfg_scale=4.0, cfg_interval_start=0.1,
                              cfg_channels=-1, batch_size=8)
+        # latents of the procedural shapes, extracted by the tiny VA-VAE:
+        #   python -m launch.extract_latents --config configs/vavae.py:tiny \
+        #       --workdir runs/data/shapes32_latents
+        config.data.update(path="runs/data/shapes32_latents", worker_count=0)
     elif arg == "xl1_64ep":
         config.model = _model("LightningDiT-XL/1")
     elif arg == "xl1_800ep":

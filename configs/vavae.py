@@ -23,6 +23,7 @@ F16D32 = dict(double_z=True, z_channels=32, resolution=256, in_channels=3, out_c
 
 def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    config.variant = arg
     config.seed = 23
     config.model = ml_collections.ConfigDict(
         {"embed_dim": 32, "ddconfig": dict(F16D32), "use_vf": "dinov2", "dtype": "float32",
@@ -40,6 +41,11 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(
         {"global_batch_size": 256, "image_size": 256, "epochs": 50})
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.data = data_config()
+    # latent extraction (python -m launch.extract_latents): ADM center crop of data.image_size,
+    # each image and its mirror encoded, `shard_size` latents per file as upstream
+    config.extract = ml_collections.ConfigDict(
+        {"batch_size": 256, "shard_size": 10_000, "stats_images": 10_000})
 
     if arg == "tiny":
         config.model.embed_dim = 4
@@ -50,6 +56,10 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
         config.discriminator.update(ndf=8, n_layers=2)
         config.loss.update(disc_start=0, perceptual_weight=0.0)
         config.train.update(global_batch_size=8, image_size=32, epochs=1)
+        # the procedural shapes dataset (written on first use, no download)
+        config.data.update(path="runs/data/shapes32", image_size=32, worker_count=0,
+                           procedural_images_per_class=300, exclude=())
+        config.extract.update(batch_size=64, shard_size=1000)
     elif arg == "f16d32_vfdinov2":
         pass
     elif arg == "long_stage1":
@@ -69,11 +79,46 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
     return config
 
 
+def data_config() -> ml_collections.ConfigDict:
+    """The image pipeline (`launch.data.image_pipeline`) as upstream's VA-VAE training reads it:
+    SmallestMaxSize(256) bilinear + RandomCrop(256), no flip, one file left out."""
+    return ml_collections.ConfigDict({
+        # 'folder': config.data.path = ImageNet's train/ (train/<wnid>/*.JPEG);
+        # 'array_record': a directory of shards from `python -m launch.data.array_record`;
+        # 'tfds': the tfds data_dir holding imagenet2012 prepared as array_record
+        "source": "folder",
+        "path": "",
+        "split": "train",
+        "tfds_name": "imagenet2012",
+        "image_size": 256,
+        "preprocess": "random_crop",  # 'center_crop' = ADM center_crop_arr (extraction)
+        "flip_prob": 0.0,
+        "shuffle": True,
+        "exclude": ("n06596364_9591.JPEG",),
+        "worker_count": 8,  # grain worker processes decoding images
+        "read_threads": 16,  # threads per worker (or in-process when worker_count = 0)
+        "prefetch": 8,  # batches prefetched per worker
+        "max_bad_fraction": 0.01,  # undecodable fraction that stops the run
+        "bad_fraction_min_items": 1000,  # ... checked once this many items were read
+        "max_attempts": 16,  # bad items in a row for one slot that stop the run
+        "procedural_images_per_class": 0,  # > 0: write the shapes dataset at path first
+    })
+
+
+def autoencoder(config: ml_collections.ConfigDict, use_vf: int | None = None, **kwargs):
+    """The `AutoencoderKL` of `config.model` (`use_vf`: width of the VF projection, or None)."""
+    from vavae_jax.autoencoder import AutoencoderKL
+
+    ddconfig = dict(config.model.ddconfig)
+    ddconfig.update(ch_mult=tuple(ddconfig["ch_mult"]),
+                    attn_resolutions=tuple(ddconfig["attn_resolutions"]))
+    return AutoencoderKL(embed_dim=config.model.embed_dim, **ddconfig, use_vf=use_vf, **kwargs)
+
+
 def build_models(config: ml_collections.ConfigDict):
     """The `VAEModels` bundle, `LossConfig` and optimizers described by a config."""
     import jax.numpy as jnp
 
-    from vavae_jax.autoencoder import AutoencoderKL
     from vavae_jax.dinov2 import dinov2_model
     from vavae_jax.discriminator import NLayerDiscriminator
     from vavae_jax.lpips import LPIPS
@@ -86,13 +131,8 @@ def build_models(config: ml_collections.ConfigDict):
         foundation = dinov2_model(config.foundation.size, dtype=dtype,
                                   **config.foundation.overrides)
         use_vf = foundation.embed_dim
-    ddconfig = dict(config.model.ddconfig)
-    ddconfig.update(ch_mult=tuple(ddconfig["ch_mult"]),
-                    attn_resolutions=tuple(ddconfig["attn_resolutions"]))
-    autoencoder = AutoencoderKL(embed_dim=config.model.embed_dim, **ddconfig, use_vf=use_vf,
-                                dtype=dtype, remat=config.model.remat)
     models = VAEModels(
-        autoencoder=autoencoder,
+        autoencoder=autoencoder(config, use_vf, dtype=dtype, remat=config.model.remat),
         discriminator=NLayerDiscriminator(**config.discriminator, dtype=dtype),
         lpips=LPIPS(dtype=dtype) if config.loss.perceptual_weight > 0 else None,
         foundation=foundation,

@@ -48,14 +48,11 @@ def _dit(config):
 
 
 def _vavae(config):
-    from vavae_jax.autoencoder import AutoencoderKL
+    from configs.vavae import autoencoder
     from vavae_jax.convert import abstract_params, params_from_torch, params_to_torch
 
-    ddconfig = dict(config.model.ddconfig)
-    ddconfig.update(ch_mult=tuple(ddconfig["ch_mult"]),
-                    attn_resolutions=tuple(ddconfig["attn_resolutions"]))
     use_vf = 1024 if _KEEP_VF_PROJ.value else None  # DINOv2 ViT-L/14 width
-    model = AutoencoderKL(embed_dim=config.model.embed_dim, **ddconfig, use_vf=use_vf)
+    model = autoencoder(config, use_vf)
 
     def write(path, params):
         save_state_dict(path, params_to_torch(params, model=model))

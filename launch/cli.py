@@ -1,0 +1,34 @@
+"""Entry-point wrapper: a user's mistake ends in one readable line and exit status 1.
+
+    if __name__ == "__main__":
+        cli.run(main)
+
+`UserError`s (and the data pipeline's `DataError`s, missing files) print ``error: <message>``
+without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+
+from launch.data.sources import DataError
+
+
+class UserError(ValueError):
+    """A problem with the command line, config or files that the user can fix."""
+
+
+USER_ERRORS = (UserError, DataError, FileNotFoundError, FileExistsError)
+
+
+def run(main) -> None:
+    def guarded(argv):
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    app.run(guarded)

@@ -1,0 +1,102 @@
+"""The image pipeline: `config.data` -> global batches {'image': uint8, 'labels': int32}.
+
+    it = make_image_iterator(config.data, global_batch_size=256, seed=config.seed,
+                             num_classes=1000, mesh=mesh)
+    batch = next(it)   # image (B, S, S, 3) uint8, labels (B,) int32, global jax.Arrays
+
+Images stay uint8 up to the device; the step scales them with
+`launch.data.preprocess.to_model_range` (upstream's exact [-1, 1] mapping).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from absl import logging
+
+from launch.data.pipeline import (
+    UPSCALED_KEY,
+    BadInputMonitor,
+    GlobalBatchIterator,
+    GlobalOrder,
+    SlotMap,
+    build_batches,
+    process_slice,
+)
+from launch.data.preprocess import PREPROCESS_MODES, preprocess
+from launch.data.sources import DataError, ImageSource, open_image_source
+
+# a run's length when the caller does not say: the pipeline is lazy, so "forever"
+UNBOUNDED_STEPS = 10**12
+
+
+class LoadImage:
+    """record -> {'image', 'labels', upscaled flag}; raises for an undecodable item."""
+
+    def __init__(self, source: ImageSource, mode: str, image_size: int, flip_prob: float):
+        if mode not in PREPROCESS_MODES:
+            raise DataError(f"config.data.preprocess={mode!r}: expected one of "
+                            f"{PREPROCESS_MODES}")
+        self.source = source
+        self.mode = mode
+        self.image_size = image_size
+        self.flip_prob = flip_prob
+
+    def __call__(self, record: int, rng: np.random.Generator) -> dict:
+        example = self.source[record]
+        image, upscaled = preprocess(example.data, self.mode, self.image_size, rng)
+        if self.flip_prob > 0 and rng.random() < self.flip_prob:
+            image = image[:, ::-1]
+        return {"image": np.ascontiguousarray(image), "labels": np.int32(example.label),
+                UPSCALED_KEY: np.bool_(upscaled)}
+
+    def why_bad(self, record: int) -> str:
+        """Re-read a bad record in the main process to log its error (rare, so cheap)."""
+        try:
+            self(record, np.random.default_rng(0))
+        except Exception as e:  # noqa: BLE001
+            return f"{type(e).__name__}: {e}"
+        return "decoded on retry"
+
+
+def prepare_source(data) -> ImageSource:
+    """Open `data`'s source; a procedural config writes its class-folder tree first."""
+    if data.source == "folder" and data.get("procedural_images_per_class", 0) > 0:
+        from launch.data.procedural import ensure_shapes_dataset
+
+        ensure_shapes_dataset(data.path, image_size=data.image_size,
+                              images_per_class=data.procedural_images_per_class)
+    return open_image_source(data)
+
+
+def check_num_classes(source: ImageSource, num_classes: int | None, path: str) -> None:
+    if num_classes is not None and source.num_classes != num_classes:
+        raise DataError(f"{path} has {source.num_classes} classes but the model has "
+                        f"num_classes={num_classes}")
+
+
+def make_image_iterator(data, *, global_batch_size: int, seed: int,
+                        num_classes: int | None = None, mesh=None, start_step: int = 0,
+                        num_steps: int | None = None, process_index: int | None = None,
+                        process_count: int | None = None,
+                        source: ImageSource | None = None) -> GlobalBatchIterator:
+    """Global batches of `data` (a `config.data` block) in a seeded, host-independent order.
+
+    `process_index` / `process_count` default to JAX's; tests pass them to simulate hosts.
+    """
+    source = source or prepare_source(data)
+    check_num_classes(source, num_classes, data.path)
+    p, _, local_batch = process_slice(global_batch_size, process_index, process_count)
+    order = GlobalOrder(len(source), global_batch_size, seed, shuffle=data.get("shuffle", True))
+    load = LoadImage(source, data.preprocess, data.image_size, data.flip_prob)
+    slot_map = SlotMap(order, load, source.describe, p, local_batch, data.max_attempts)
+    monitor = BadInputMonitor(source.describe, load.why_bad, data.max_bad_fraction,
+                              min_items=data.bad_fraction_min_items)
+    logging.info("image data: %s (%s), %d images, %d classes, %d steps per epoch, process "
+                 "batch %d", data.path, data.source, len(source), source.num_classes,
+                 order.steps_per_epoch, local_batch)
+    identity = {"seed": seed, "global_batch_size": global_batch_size,
+                "num_records": len(source)}
+    return GlobalBatchIterator(
+        lambda start: build_batches(slot_map, start, num_steps or UNBOUNDED_STEPS,
+                                    data.worker_count, data.read_threads, data.prefetch),
+        monitor, identity, mesh=mesh, start_step=start_step)
