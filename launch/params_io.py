@@ -32,6 +32,25 @@ def restore_params(path: str | os.PathLike, abstract, shardings=None):
         return ckptr.restore(path, abstract)
 
 
+def resolve_params_dir(path: str | os.PathLike) -> str:
+    """A training run's workdir -> its latest checkpoint's `params` item; other paths as given.
+
+    Training runs keep orbax checkpoints in `<workdir>/checkpoints/<step>/`, whose `params`
+    item holds the weights used for inference."""
+    path = os.fspath(path)
+    checkpoints = os.path.join(path, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        return path
+    steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"{checkpoints} holds no finished checkpoint")
+    params = os.path.join(checkpoints, str(steps[-1]), "params")
+    if not os.path.isdir(params):
+        raise FileNotFoundError(f"{params} does not exist: the latest checkpoint of the run "
+                                f"{path} has no params item")
+    return params
+
+
 def load_params(path: str | os.PathLike, *, abstract, from_torch: Callable[[str], dict],
                 shardings=None):
     """Params from an orbax directory or a PyTorch file (converted with `from_torch(path)`)."""

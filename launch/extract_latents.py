@@ -1,0 +1,266 @@
+"""Encode an image dataset into VA-VAE latents in upstream's layout (resumable, multi-host).
+
+    python -m launch.extract_latents --config configs/vavae.py:long_stage3 \
+        --config.data.path /data/imagenet/train --workdir /data/latents/imagenet_train_256 \
+        --checkpoint vavae-imagenet256-f16d32-dinov2.pt
+    python -m launch.extract_latents --config configs/vavae.py:tiny --workdir runs/latents
+
+`--checkpoint` is a released / Lightning `.pt`/`.ckpt` (converted on the fly), an orbax params
+directory (`launch.convert vavae`), or a VA-VAE training run's workdir (its latest `params`).
+The `tiny` config runs without one on random weights (and says so).
+
+As upstream's extract_features.py: the ADM center crop of `config.data.image_size`, a posterior
+*sample* of each image and of its exact mirror, files
+`latents_rank{r:02d}_shard{s:03d}.safetensors` (`latents`, `latents_flip` NCHW float32,
+`labels` int64, `config.extract.shard_size` rows), then `latents_stats.pt` from
+`config.extract.stats_images` random images. Process r encodes images r, r + P, r + 2P, ...
+(upstream's unshuffled DistributedSampler, without its padding duplicates), each global batch
+sharded over every device. Each image's noise is keyed by its index, so a rerun after a kill
+skips the complete shards and produces exactly the latents one uninterrupted run would.
+Undecodable images are skipped and counted. `summary.json` records the totals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags, logging
+from flax import linen as nn
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from configs.vavae import autoencoder
+from launch import cli, params_io, sharding
+from launch.data import latents as latent_files
+from launch.data.image_pipeline import prepare_source
+from launch.data.pipeline import read_options
+from launch.data.preprocess import decode_rgb, to_model_range
+from launch.data.sources import ImageSource
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "VA-VAE config (path:variant).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory of the latents.",
+                               required=True)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "VA-VAE weights: upstream .pt/.ckpt, an orbax params directory or a "
+    "training workdir. Only the tiny config may omit it (random weights).")
+
+LAYOUT_FILE = "extraction.json"  # what a resumed run must agree with
+SUMMARY_FILE = "summary.json"
+
+
+class LoadForExtraction(grain.transforms.Map):
+    """Position in this process's item list -> center-cropped image, or a skip marker."""
+
+    def __init__(self, source: ImageSource, items: np.ndarray, image_size: int):
+        self.source, self.items, self.image_size = source, items, image_size
+
+    def map(self, position: int) -> dict:
+        from PIL import Image
+
+        from launch.data.preprocess import center_crop_arr
+
+        index = int(self.items[position])
+        blank = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+        try:
+            example = self.source[index]
+            image = center_crop_arr(Image.fromarray(decode_rgb(example.data)), self.image_size)
+            return {"image": np.ascontiguousarray(image), "label": np.int64(example.label),
+                    "index": np.int64(index), "ok": np.bool_(True)}
+        except Exception:  # noqa: BLE001 (an undecodable image is skipped and counted)
+            return {"image": blank, "label": np.int64(-1), "index": np.int64(index),
+                    "ok": np.bool_(False)}
+
+
+def load_autoencoder_params(config, model, checkpoint: str | None, mesh):
+    """Autoencoder params replicated on `mesh`, from `checkpoint` or random (tiny only)."""
+    from vavae_jax.convert import abstract_params, params_from_torch
+
+    abstract = abstract_params(model)
+    replicated = sharding.replicated(mesh)
+    if checkpoint is None:
+        if config.get("variant") != "tiny":
+            raise cli.UserError("--checkpoint is required (a VA-VAE .pt, an orbax params "
+                                "directory or a training workdir); only the tiny config may "
+                                "run on random weights")
+        logging.warning("*" * 72)
+        logging.warning("NO --checkpoint: encoding with a RANDOMLY INITIALISED tiny VA-VAE")
+        logging.warning("*" * 72)
+        f = model.downsample_factor
+        init = lambda: nn.meta.unbox(model.init(
+            jax.random.key(config.seed), jnp.zeros((1, f, f, 3)), sample_posterior=False)["params"])
+        return jax.jit(init, out_shardings=replicated)()
+    if not os.path.exists(checkpoint):
+        raise cli.UserError(f"--checkpoint {checkpoint!r} does not exist")
+    params = params_io.load_params(
+        params_io.resolve_params_dir(checkpoint), abstract=abstract,
+        from_torch=lambda path: params_from_torch(path, model=model))
+    return jax.device_put(params, replicated)
+
+
+def make_encoder(model, mesh, seed: int):
+    """Jitted (params, images, mirrors, indices) -> (z, z_flip), NHWC float32, batch-sharded.
+
+    The posterior noise of image i is keyed by (seed, i, view): independent of batching,
+    hosts and resumption."""
+    base = jax.random.key(seed)
+
+    def encode(params, images, mirrors, indices):
+        def sample(x, view):
+            posterior = model.apply({"params": params}, to_model_range(x), method=model.encode)
+            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i), view))(
+                indices)
+            eps = jax.vmap(lambda k: jax.random.normal(k, posterior.mean.shape[1:]))(keys)
+            return posterior.sample_with_eps(eps)
+
+        return sample(images, 0), sample(mirrors, 1)
+
+    batch = sharding.batch_sharding(mesh, 4)
+    return jax.jit(encode, out_shardings=(batch, batch))
+
+
+def check_layout(workdir: str, layout: dict) -> None:
+    """Record the layout on the first run; a rerun must match it (or the shards would mix)."""
+    path = os.path.join(workdir, LAYOUT_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != layout:
+            diff = {k: (saved.get(k), v) for k, v in layout.items() if saved.get(k) != v}
+            raise cli.UserError(f"{workdir} holds an extraction with different settings "
+                                f"(saved vs now: {diff}); use another --workdir")
+    elif jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            json.dump(layout, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def shard_path(workdir: str, rank: int, shard: int) -> str:
+    return os.path.join(workdir, latent_files.SHARD_PATTERN.format(rank=rank, shard=shard))
+
+
+def main(argv):
+    del argv
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    os.makedirs(workdir, exist_ok=True)
+    data = config.data
+    source = prepare_source(data)
+    rank, num_ranks = jax.process_index(), jax.process_count()
+    mesh = sharding.create_mesh(dict(config.mesh))
+    global_batch = config.extract.batch_size
+    if global_batch % mesh.devices.size or global_batch % num_ranks:
+        raise cli.UserError(f"config.extract.batch_size={global_batch} must be a multiple of "
+                            f"the {mesh.devices.size} devices and {num_ranks} processes")
+    local_batch = global_batch // num_ranks
+    shard_size = config.extract.shard_size
+    n = len(source)
+    check_layout(workdir, {"num_images": n, "num_processes": num_ranks,
+                           "shard_size": shard_size, "image_size": data.image_size,
+                           "seed": config.seed, "num_classes": source.num_classes})
+
+    # process r owns images r, r + P, ...; every process loops over the same shards and
+    # batches (padding its own), so the sharded steps stay in lock-step across hosts
+    items = [np.arange(r, n, num_ranks) for r in range(num_ranks)]
+    num_shards = math.ceil(len(items[0]) / shard_size)
+    model = autoencoder(config)
+    params = load_autoencoder_params(config, model, _CHECKPOINT.value, mesh)
+    encode = make_encoder(model, mesh, config.seed)
+    batch_sharding = sharding.batch_sharding(mesh, 4)
+    index_sharding = sharding.batch_sharding(mesh, 1)
+
+    from tqdm import tqdm
+
+    mine = items[rank]
+    progress = tqdm(total=len(mine), unit="img", disable=rank != 0, smoothing=0.1,
+                    desc=f"encoding {n} images")
+    start, encoded_now = time.perf_counter(), 0
+    for shard in range(num_shards):
+        lo, hi = shard * shard_size, (shard + 1) * shard_size
+        owners = [r for r in range(num_ranks) if len(items[r][lo:hi])]
+        if all(os.path.exists(shard_path(workdir, r, shard)) for r in owners):
+            progress.update(len(mine[lo:hi]))
+            continue
+        shard_items = mine[lo:hi]
+        num_batches = math.ceil(max(len(items[r][lo:hi]) for r in owners) / local_batch)
+        loader = grain.MapDataset.range(len(shard_items)).map(
+            LoadForExtraction(source, shard_items, data.image_size))
+        loader = loader.batch(local_batch).to_iter_dataset(
+            read_options(data.read_threads, data.prefetch))
+        if data.worker_count > 0:
+            loader = loader.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=data.worker_count))
+        batches = iter(loader)
+        outputs = {"latents": [], "latents_flip": [], "labels": []}
+        skipped = []
+        for _ in range(num_batches):
+            host = next(batches, None)
+            if host is None:  # this process has fewer images in the shard: pad a whole batch
+                host = {"image": np.zeros((0, data.image_size, data.image_size, 3), np.uint8),
+                        "label": np.zeros((0,), np.int64), "index": np.zeros((0,), np.int64),
+                        "ok": np.zeros((0,), bool)}
+            real = len(host["index"])
+            pad = local_batch - real
+            images = np.pad(host["image"], ((0, pad), (0, 0), (0, 0), (0, 0)))
+            indices = np.pad(host["index"], (0, pad)).astype(np.int32)
+            put = jax.make_array_from_process_local_data
+            z, z_flip = encode(params, put(batch_sharding, images),
+                               put(batch_sharding, np.ascontiguousarray(images[:, :, ::-1])),
+                               put(index_sharding, indices))
+            keep = host["ok"]
+            for key, value in (("latents", z), ("latents_flip", z_flip)):
+                local = np.asarray(multihost_utils.global_array_to_host_local_array(
+                    value, mesh, batch_sharding.spec))[:real]
+                outputs[key].append(local[keep].transpose(0, 3, 1, 2))
+            outputs["labels"].append(host["label"][keep])
+            skipped += [source.describe(int(i)) for i in host["index"][~keep]]
+            encoded_now += int(keep.sum())
+            progress.update(real)
+        if hasattr(batches, "close"):
+            batches.close()
+        for name in skipped[:10]:
+            logging.warning("skipped undecodable image %s", name)
+        if len(shard_items):
+            latent_files.write_latent_shard(
+                shard_path(workdir, rank, shard),
+                *(np.concatenate(outputs[k]) for k in ("latents", "latents_flip", "labels")),
+                metadata={"num_skipped": str(len(skipped)), "skipped": json.dumps(skipped)})
+    progress.close()
+    seconds = time.perf_counter() - start
+    logging.info("encoded %d images in %.1fs (%.1f img/s)", encoded_now, seconds,
+                 encoded_now / max(seconds, 1e-9))
+
+    multihost_utils.sync_global_devices("latent shards written")
+    if rank == 0:
+        write_stats_and_summary(workdir, config, num_ranks, seconds)
+
+
+def write_stats_and_summary(workdir: str, config, num_ranks: int, seconds: float) -> None:
+    from safetensors import safe_open
+
+    shard_source = latent_files.LatentShardSource(workdir)
+    mean, std = latent_files.compute_latent_stats(shard_source, config.extract.stats_images,
+                                                  seed=config.seed)
+    latent_files.save_latent_stats(os.path.join(workdir, latent_files.STATS_FILE), mean, std)
+    skipped = []
+    for path in shard_source.files:
+        with safe_open(path, "np") as f:
+            skipped += json.loads(f.metadata().get("skipped", "[]"))
+    summary = {"num_images": len(shard_source), "num_skipped": len(skipped),
+               "skipped": skipped[:100], "num_shards": len(shard_source.files),
+               "num_processes": num_ranks, "latent_shape": list(shard_source.latent_shape),
+               "seconds_this_run": round(seconds, 2),
+               "latent_mean": mean.tolist(), "latent_std": std.tolist()}
+    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps({k: summary[k] for k in ("num_images", "num_skipped", "num_shards")}))
+
+
+if __name__ == "__main__":
+    cli.run(main)
