@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from configs.vavae import autoencoder
-from launch import cli, params_io, sharding
+from launch import cli, distributed, params_io, sharding
 from launch.data import latents as latent_files
 from launch.data.image_pipeline import prepare_source
 from launch.data.pipeline import read_options
@@ -148,6 +148,7 @@ def shard_path(workdir: str, rank: int, shard: int) -> str:
 
 def main(argv):
     del argv
+    distributed.initialize()
     config, workdir = _CONFIG.value, _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
     data = config.data

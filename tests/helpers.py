@@ -75,3 +75,28 @@ def run_module(*args: str, timeout: int = 300) -> str:
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+def run_processes(argv: list[str], num_processes: int = 2, devices_per_process: int = 2,
+                  timeout: int = 300) -> list[str]:
+    """Run `argv` (after the python executable) as a real multi-process JAX job on this host:
+    `num_processes` CPU processes joined through launch.distributed; returns their stdouts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for i in range(num_processes):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES=str(num_processes),
+                   JAX_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+                   PYTHONPATH=str(REPO))
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outputs = []
+    for i, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"process {i}: {err[-3000:]}"
+        outputs.append(out)
+    return outputs

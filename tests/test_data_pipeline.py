@@ -415,3 +415,49 @@ def test_global_arrays_on_a_mesh():
     assert batch["image"].sharding.spec[0] == ("data", "fsdp")
     assert len(batch["image"].addressable_shards) == 8
     np.testing.assert_array_equal(np.asarray(batch["image"]), host["image"])
+
+
+MULTIHOST_SCRIPT = """
+import sys, numpy as np
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+from launch import distributed
+distributed.initialize()
+import jax
+from jax.experimental import multihost_utils
+from configs.vavae import data_config
+from launch.data.image_pipeline import make_image_iterator
+from launch.sharding import create_mesh
+
+def main(root, out):
+    data = data_config()
+    data.update(path=root, image_size=16, preprocess="random_crop", worker_count=0,
+                read_threads=2, prefetch=2)
+    mesh = create_mesh({"data": -1})
+    it = make_image_iterator(data, global_batch_size=8, seed=4, num_classes=10, mesh=mesh)
+    batches = [next(it) for _ in range(2)]
+    it.close()
+    assert batches[0]["image"].shape == (8, 16, 16, 3) and jax.device_count() == 4
+    gathered = [multihost_utils.process_allgather(b["image"], tiled=True) for b in batches]
+    if jax.process_index() == 0:
+        np.savez(out, *gathered)
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
+"""
+
+
+def test_two_jax_processes_assemble_the_one_process_batches(tmp_path):
+    from helpers import run_processes
+
+    from launch.data.procedural import write_shapes_dataset
+
+    root = write_shapes_dataset(tmp_path / "shapes", image_size=20, images_per_class=2)
+    script = tmp_path / "multihost.py"
+    script.write_text(MULTIHOST_SCRIPT)
+    run_processes([str(script), str(root), str(tmp_path / "out.npz")])
+    data = config(path=str(root), image_size=16, preprocess="random_crop")
+    want = take(make_image_iterator(data, global_batch_size=8, seed=4), 2)
+    got = np.load(tmp_path / "out.npz")
+    for i, batch in enumerate(want):
+        np.testing.assert_array_equal(got[f"arr_{i}"], batch["image"])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from flax import linen as nn
-from helpers import REPO, run_module
+from helpers import REPO, run_module, run_processes
 from safetensors import safe_open
 
 from configs.lightningdit import get_config as dit_config
@@ -139,3 +139,23 @@ def test_user_mistakes_are_one_line_errors(extracted, tmp_path):
     line = run_failing("--config", "configs/vavae.py:long_stage3", f"--config.data.path={tree}",
                        "--workdir", str(tmp_path / "o2"))
     assert "--checkpoint is required" in line
+
+
+def test_two_processes_write_per_rank_shards_equal_to_one_process(extracted, tmp_path):
+    _, tree, out, _ = extracted
+    run_processes(["-m", "launch.extract_latents", "--config", "configs/vavae.py:tiny",
+                   f"--config.data.path={tree}", "--config.data.procedural_images_per_class=0",
+                   "--config.extract.batch_size=8", "--config.extract.shard_size=10",
+                   "--workdir", str(tmp_path)])
+    one = {k: np.concatenate([read(out / f)[0][k] for f in SHARDS])
+           for k in ("latents", "latents_flip", "labels")}
+    kept = np.delete(np.arange(51), 20)  # file 20 is the broken one
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_images"] == 50 and summary["num_processes"] == 2
+    for rank in range(2):
+        files = sorted(tmp_path.glob(f"latents_rank{rank:02d}_shard*.safetensors"))
+        assert len(files) == 3  # 26 / 25 images per rank, 10 per shard
+        got = {k: np.concatenate([read(f)[0][k] for f in files]) for k in one}
+        rows = np.searchsorted(kept, [i for i in range(rank, 51, 2) if i != 20])
+        for key, value in one.items():  # noise is keyed by image: bit-identical
+            np.testing.assert_array_equal(got[key], value[rows], err_msg=f"rank {rank} {key}")
