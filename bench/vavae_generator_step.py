@@ -32,7 +32,7 @@ def main():
 
     config = get_config(args.config)
     models, loss, (ae_opt, disc_opt) = build_models(config)
-    size = config.train.image_size
+    size = config.data.image_size
     shape = (args.batch, size, size, 3)
     init = functools.partial(init_train_state, models, image_shape=shape, ae_optimizer=ae_opt,
                              disc_optimizer=disc_opt)

@@ -39,7 +39,7 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict(
         {"lr": 1e-4, "b1": 0.5, "b2": 0.9, "proj_fix": False})
     config.train = ml_collections.ConfigDict(
-        {"global_batch_size": 256, "image_size": 256, "epochs": 50})
+        {"global_batch_size": 256, "epochs": 50})
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.data = data_config()
     # latent extraction (python -m launch.extract_latents): ADM center crop of data.image_size,
@@ -55,7 +55,7 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
                                                       "num_heads": 2})
         config.discriminator.update(ndf=8, n_layers=2)
         config.loss.update(disc_start=0, perceptual_weight=0.0)
-        config.train.update(global_batch_size=8, image_size=32, epochs=1)
+        config.train.update(global_batch_size=8, epochs=1)
         # the procedural shapes dataset (written on first use, no download)
         config.data.update(path="runs/data/shapes32", image_size=32, worker_count=0,
                            procedural_images_per_class=300, exclude=())

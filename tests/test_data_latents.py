@@ -134,3 +134,18 @@ def test_latent_errors(tmp_path):
                     str(tmp_path / "zz.safetensors"))
     with pytest.raises(DataError, match=r"zz.safetensors: missing \['latents_flip'\]"):
         LatentShardSource(str(tmp_path))
+
+
+def test_our_shards_read_as_upstream_reads_them(tmp_path):
+    """Upstream's ImgLatentDataset opens shards with framework="pt" and slices rows."""
+    from safetensors import safe_open
+
+    z = shards(tmp_path, sizes=(3,))
+    with safe_open(str(tmp_path / "latents_rank00_shard000.safetensors"), framework="pt",
+                   device="cpu") as f:
+        assert f.metadata() == {"total_size": "3", "dtype": "torch.float32", "device": "cpu"}
+        feature = f.get_slice("latents")[1:2]
+        label = f.get_slice("labels")[1:2]
+    assert feature.dtype == torch.float32 and tuple(feature.shape) == (1, C, H, H)
+    assert label.dtype == torch.int64 and int(label) == 1
+    np.testing.assert_array_equal(feature[0].numpy(), z[1])
