@@ -20,7 +20,8 @@ class UserError(ValueError):
     """A problem with the command line, config or files that the user can fix."""
 
 
-USER_ERRORS = (UserError, DataError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (UserError, DataError, FileNotFoundError, FileExistsError, PermissionError,
+               NotADirectoryError, IsADirectoryError)
 
 
 def run(main) -> None:

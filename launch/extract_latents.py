@@ -42,7 +42,7 @@ from launch.data import latents as latent_files
 from launch.data.image_pipeline import prepare_source
 from launch.data.pipeline import read_options
 from launch.data.preprocess import decode_rgb, to_model_range
-from launch.data.sources import ImageSource
+from launch.data.sources import DataError, ImageSource
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "VA-VAE config (path:variant).",
                                           lock_config=True)
@@ -146,6 +146,57 @@ def shard_path(workdir: str, rank: int, shard: int) -> str:
     return os.path.join(workdir, latent_files.SHARD_PATTERN.format(rank=rank, shard=shard))
 
 
+def shard_batches(source: ImageSource, shard_items: np.ndarray, data, local_batch: int):
+    """This process's images of one shard, decoded by grain workers, in batches."""
+    loader = grain.MapDataset.range(len(shard_items)).map(
+        LoadForExtraction(source, shard_items, data.image_size))
+    loader = loader.batch(local_batch).to_iter_dataset(
+        read_options(data.read_threads, data.prefetch))
+    if data.worker_count > 0:
+        loader = loader.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
+    return iter(loader)
+
+
+class ShardEncoder:
+    """Encodes one shard's images with every device of every process, in lock-step."""
+
+    def __init__(self, model, params, mesh, seed: int, local_batch: int, image_size: int):
+        self.params, self.mesh, self.local_batch = params, mesh, local_batch
+        self.encode = make_encoder(model, mesh, seed)
+        self.images_sharding = sharding.batch_sharding(mesh, 4)
+        self.index_sharding = sharding.batch_sharding(mesh, 1)
+        self.empty = {"image": np.zeros((0, image_size, image_size, 3), np.uint8),
+                      "label": np.zeros((0,), np.int64), "index": np.zeros((0,), np.int64),
+                      "ok": np.zeros((0,), bool)}
+
+    def __call__(self, batches, num_batches: int, progress) -> tuple[dict, np.ndarray]:
+        """Run `num_batches` global steps (every process runs as many, padding its own) and
+        return this process's {'latents', 'latents_flip' NCHW, 'labels'} and skipped indices."""
+        outputs = {"latents": [], "latents_flip": [], "labels": []}
+        skipped = []
+        put = jax.make_array_from_process_local_data
+        for _ in range(num_batches):
+            host = next(batches, None) or self.empty  # no images left here: a padding batch
+            real = len(host["index"])
+            pad = self.local_batch - real
+            images = np.pad(host["image"], ((0, pad), (0, 0), (0, 0), (0, 0)))
+            indices = np.pad(host["index"], (0, pad)).astype(np.int32)
+            z, z_flip = self.encode(
+                self.params, put(self.images_sharding, images),
+                put(self.images_sharding, np.ascontiguousarray(images[:, :, ::-1])),
+                put(self.index_sharding, indices))
+            keep = host["ok"]
+            for key, value in (("latents", z), ("latents_flip", z_flip)):
+                local = multihost_utils.global_array_to_host_local_array(
+                    value, self.mesh, self.images_sharding.spec)
+                outputs[key].append(np.asarray(local)[:real][keep].transpose(0, 3, 1, 2))
+            outputs["labels"].append(host["label"][keep])
+            skipped.append(host["index"][~keep])
+            progress.update(real)
+        return ({k: np.concatenate(v) for k, v in outputs.items()},
+                np.concatenate(skipped).astype(np.int64))
+
+
 def main(argv):
     del argv
     distributed.initialize()
@@ -172,70 +223,41 @@ def main(argv):
     num_shards = math.ceil(len(items[0]) / shard_size)
     model = autoencoder(config)
     params = load_autoencoder_params(config, model, _CHECKPOINT.value, mesh)
-    encode = make_encoder(model, mesh, config.seed)
-    batch_sharding = sharding.batch_sharding(mesh, 4)
-    index_sharding = sharding.batch_sharding(mesh, 1)
+    encode_shard = ShardEncoder(model, params, mesh, config.seed, local_batch, data.image_size)
 
     from tqdm import tqdm
 
     mine = items[rank]
-    progress = tqdm(total=len(mine), unit="img", disable=rank != 0, smoothing=0.1,
-                    desc=f"encoding {n} images")
-    start, encoded_now = time.perf_counter(), 0
-    for shard in range(num_shards):
-        lo, hi = shard * shard_size, (shard + 1) * shard_size
-        owners = [r for r in range(num_ranks) if len(items[r][lo:hi])]
-        if all(os.path.exists(shard_path(workdir, r, shard)) for r in owners):
-            progress.update(len(mine[lo:hi]))
-            continue
-        shard_items = mine[lo:hi]
-        num_batches = math.ceil(max(len(items[r][lo:hi]) for r in owners) / local_batch)
-        loader = grain.MapDataset.range(len(shard_items)).map(
-            LoadForExtraction(source, shard_items, data.image_size))
-        loader = loader.batch(local_batch).to_iter_dataset(
-            read_options(data.read_threads, data.prefetch))
-        if data.worker_count > 0:
-            loader = loader.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=data.worker_count))
-        batches = iter(loader)
-        outputs = {"latents": [], "latents_flip": [], "labels": []}
-        skipped = []
-        for _ in range(num_batches):
-            host = next(batches, None)
-            if host is None:  # this process has fewer images in the shard: pad a whole batch
-                host = {"image": np.zeros((0, data.image_size, data.image_size, 3), np.uint8),
-                        "label": np.zeros((0,), np.int64), "index": np.zeros((0,), np.int64),
-                        "ok": np.zeros((0,), bool)}
-            real = len(host["index"])
-            pad = local_batch - real
-            images = np.pad(host["image"], ((0, pad), (0, 0), (0, 0), (0, 0)))
-            indices = np.pad(host["index"], (0, pad)).astype(np.int32)
-            put = jax.make_array_from_process_local_data
-            z, z_flip = encode(params, put(batch_sharding, images),
-                               put(batch_sharding, np.ascontiguousarray(images[:, :, ::-1])),
-                               put(index_sharding, indices))
-            keep = host["ok"]
-            for key, value in (("latents", z), ("latents_flip", z_flip)):
-                local = np.asarray(multihost_utils.global_array_to_host_local_array(
-                    value, mesh, batch_sharding.spec))[:real]
-                outputs[key].append(local[keep].transpose(0, 3, 1, 2))
-            outputs["labels"].append(host["label"][keep])
-            skipped += [source.describe(int(i)) for i in host["index"][~keep]]
-            encoded_now += int(keep.sum())
-            progress.update(real)
-        if hasattr(batches, "close"):
-            batches.close()
-        for name in skipped[:10]:
-            logging.warning("skipped undecodable image %s", name)
-        if len(shard_items):
-            latent_files.write_latent_shard(
-                shard_path(workdir, rank, shard),
-                *(np.concatenate(outputs[k]) for k in ("latents", "latents_flip", "labels")),
-                metadata={"num_skipped": str(len(skipped)), "skipped": json.dumps(skipped)})
-    progress.close()
+    start, seen, num_skipped = time.perf_counter(), 0, 0
+    with tqdm(total=len(mine), unit="img", disable=rank != 0, smoothing=0.1,
+              desc=f"encoding {n} images") as progress:
+        for shard in range(num_shards):
+            lo, hi = shard * shard_size, (shard + 1) * shard_size
+            owners = [r for r in range(num_ranks) if len(items[r][lo:hi])]
+            if all(os.path.exists(shard_path(workdir, r, shard)) for r in owners):
+                progress.update(len(mine[lo:hi]))  # complete on every process: done before a kill
+                continue
+            batches = shard_batches(source, mine[lo:hi], data, local_batch)
+            num_batches = math.ceil(max(len(items[r][lo:hi]) for r in owners) / local_batch)
+            outputs, skipped = encode_shard(batches, num_batches, progress)
+            if hasattr(batches, "close"):
+                batches.close()
+            names = [source.describe(int(i)) for i in skipped]
+            for name in names[:10]:
+                logging.warning("skipped undecodable image %s", name)
+            seen, num_skipped = seen + len(mine[lo:hi]), num_skipped + len(names)
+            if seen >= data.bad_fraction_min_items and num_skipped > data.max_bad_fraction * seen:
+                raise DataError(f"{num_skipped} of {seen} images could not be decoded, more than "
+                                f"config.data.max_bad_fraction={data.max_bad_fraction}; e.g. "
+                                + ", ".join(names[:5]))
+            if len(mine[lo:hi]):
+                latent_files.write_latent_shard(
+                    shard_path(workdir, rank, shard), outputs["latents"], outputs["latents_flip"],
+                    outputs["labels"],
+                    metadata={"num_skipped": str(len(names)), "skipped": json.dumps(names)})
     seconds = time.perf_counter() - start
-    logging.info("encoded %d images in %.1fs (%.1f img/s)", encoded_now, seconds,
-                 encoded_now / max(seconds, 1e-9))
+    logging.info("encoded %d images in %.1fs (%.1f img/s)", seen - num_skipped, seconds,
+                 (seen - num_skipped) / max(seconds, 1e-9))
 
     multihost_utils.sync_global_devices("latent shards written")
     if rank == 0:
@@ -246,6 +268,9 @@ def write_stats_and_summary(workdir: str, config, num_ranks: int, seconds: float
     from safetensors import safe_open
 
     shard_source = latent_files.LatentShardSource(workdir)
+    if len(shard_source) == 0:
+        raise DataError(f"no image of {shard_source.files[0]}... could be encoded: is "
+                        "config.data.path right?")
     mean, std = latent_files.compute_latent_stats(shard_source, config.extract.stats_images,
                                                   seed=config.seed)
     latent_files.save_latent_stats(os.path.join(workdir, latent_files.STATS_FILE), mean, std)

@@ -139,6 +139,13 @@ def test_user_mistakes_are_one_line_errors(extracted, tmp_path):
     line = run_failing("--config", "configs/vavae.py:long_stage3", f"--config.data.path={tree}",
                        "--workdir", str(tmp_path / "o2"))
     assert "--checkpoint is required" in line
+    junk = tmp_path / "junk" / "n01"
+    junk.mkdir(parents=True)
+    for i in range(6):
+        (junk / f"{i}.JPEG").write_text("<html>404</html>")
+    line = run_failing(*tiny, f"--config.data.path={junk.parent}", "--workdir",
+                       str(tmp_path / "o3"), "--config.data.bad_fraction_min_items=4")
+    assert "6 of 6 images could not be decoded" in line and "n01/0.JPEG" in line
 
 
 def test_two_processes_write_per_rank_shards_equal_to_one_process(extracted, tmp_path):

@@ -33,7 +33,6 @@ import glob
 import itertools
 import json
 import os
-import sys
 import threading
 from concurrent import futures
 
@@ -270,20 +269,16 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     cfg = flags.FLAGS
     if not os.path.isdir(cfg.input):
-        print(f"error: --input {cfg.input!r} is not a directory of class folders", file=sys.stderr)
-        sys.exit(1)
-    try:
-        source = ImageFolderSource(cfg.input)
-        paths = write_array_record_shards(source, cfg.output, cfg.num_shards,
-                                          workers=cfg.workers, overwrite=cfg.overwrite,
-                                          prefix=cfg.prefix)
-    except (DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        raise DataError(f"--input {cfg.input!r} is not a directory of class folders")
+    source = ImageFolderSource(cfg.input)
+    paths = write_array_record_shards(source, cfg.output, cfg.num_shards, workers=cfg.workers,
+                                      overwrite=cfg.overwrite, prefix=cfg.prefix)
     print(f"wrote {len(source)} records of {source.num_classes} classes into {len(paths)} "
           f"shards in {cfg.output}")
 
 
 if __name__ == "__main__":
+    from launch import cli
+
     _define_flags()
-    app.run(main)
+    cli.run(main)

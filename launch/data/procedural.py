@@ -22,8 +22,10 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from PIL import Image, ImageDraw
+
+from launch.data.sources import DataError
 
 MARKER = ".complete"
 SUPERSAMPLE = 4  # draw at 4x the size, then downsample with LANCZOS: anti-aliased edges
@@ -124,9 +126,9 @@ def render_shape(class_index: int, image_size: int, rng: np.random.Generator) ->
 
 def _arguments(image_size: int, images_per_class: int, seed: int, num_classes: int) -> dict:
     if not 1 <= num_classes <= len(CLASS_NAMES):
-        raise ValueError(f"num_classes must be in [1, {len(CLASS_NAMES)}], got {num_classes}")
+        raise DataError(f"num_classes must be in [1, {len(CLASS_NAMES)}], got {num_classes}")
     if image_size < 8 or images_per_class < 1 or seed < 0:
-        raise ValueError(f"need image_size >= 8, images_per_class >= 1 and seed >= 0, got "
+        raise DataError(f"need image_size >= 8, images_per_class >= 1 and seed >= 0, got "
                          f"{image_size}, {images_per_class} and {seed}")
     return {"image_size": image_size, "images_per_class": images_per_class, "seed": seed,
             "num_classes": num_classes, "version": _VERSION}
@@ -156,7 +158,7 @@ def write_shapes_dataset(root: str | os.PathLike, image_size: int, images_per_cl
     root = os.fspath(root)
     arguments = _arguments(image_size, images_per_class, seed, num_classes)
     if os.path.exists(root) and not os.path.isdir(root):
-        raise ValueError(f"{root!r} is a file, expected a directory for the shapes dataset")
+        raise DataError(f"{root!r} is a file, expected a directory for the shapes dataset")
     os.makedirs(root, exist_ok=True)
     # Clear what an earlier (maybe interrupted) write left; other files in root are not ours.
     marker = os.path.join(root, MARKER)
@@ -187,7 +189,7 @@ def ensure_shapes_dataset(root: str | os.PathLike, image_size: int, images_per_c
     if found == arguments:
         return root
     if found is not None:
-        raise ValueError(f"{root!r} holds a shapes dataset written with ({_describe(found)}), "
+        raise DataError(f"{root!r} holds a shapes dataset written with ({_describe(found)}), "
                          f"not the requested ({_describe(arguments)}); use another directory "
                          "or delete this one")
     start = time.perf_counter()
@@ -215,17 +217,14 @@ def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     f = flags.FLAGS
-    try:
-        arguments = _arguments(f.image_size, f.images_per_class, f.seed, f.num_classes)
-        done_before = _read_marker(f.out) == arguments
-        start = time.perf_counter()
-        ensure_shapes_dataset(f.out, f.image_size, f.images_per_class, f.seed, f.num_classes)
-        elapsed = time.perf_counter() - start
-        if f.grid:
-            grid = shapes_grid(f.image_size, f.seed, f.num_classes)
-            Image.fromarray(grid).save(f.grid, format="PNG")
-    except (ValueError, OSError) as e:  # a user mistake: one readable line, no traceback
-        sys.exit(f"error: {e}")
+    arguments = _arguments(f.image_size, f.images_per_class, f.seed, f.num_classes)
+    done_before = _read_marker(f.out) == arguments
+    start = time.perf_counter()
+    ensure_shapes_dataset(f.out, f.image_size, f.images_per_class, f.seed, f.num_classes)
+    elapsed = time.perf_counter() - start
+    if f.grid:
+        grid = shapes_grid(f.image_size, f.seed, f.num_classes)
+        Image.fromarray(grid).save(f.grid, format="PNG")
     state = "already complete" if done_before else f"written in {elapsed:.2f} s"
     print(f"{f.num_classes * f.images_per_class} images ({f.num_classes} classes x "
           f"{f.images_per_class}, {f.image_size}x{f.image_size}) in {f.out}: {state}")
@@ -239,4 +238,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("seed", 0, "Seed; the same arguments give byte-identical files.")
     flags.DEFINE_integer("num_classes", 10, f"Number of classes, at most {len(_CLASSES)}.")
     flags.DEFINE_string("grid", None, "Also write a PNG grid (a row per class, 8 columns).")
-    app.run(_main)
+    from launch import cli
+
+    cli.run(_main)
