@@ -34,10 +34,15 @@ def interpolate(x0: jax.Array, x1: jax.Array, t: jax.Array) -> tuple[jax.Array, 
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array, axis: int = -1, eps: float = 1e-8) -> jax.Array:
-    """PyTorch's ``cosine_similarity``: each vector divided by max(||v||, eps), then dotted."""
-    na = jnp.maximum(jnp.linalg.norm(a, axis=axis, keepdims=True), eps)
-    nb = jnp.maximum(jnp.linalg.norm(b, axis=axis, keepdims=True), eps)
-    return jnp.sum((a / na) * (b / nb), axis=axis)
+    """PyTorch's ``cosine_similarity``: each vector divided by max(||v||, eps), then dotted.
+
+    The norm is sqrt(max(sum v^2, eps^2)): the same value, but a finite gradient at v = 0
+    (sqrt's derivative there is infinite, and 0 * inf would make the step's gradients NaN,
+    e.g. at initialisation, where adaLN-Zero makes the prediction exactly 0)."""
+    def clamped_norm(v):
+        return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(v), axis=axis, keepdims=True), eps**2))
+
+    return jnp.sum((a / clamped_norm(a)) * (b / clamped_norm(b)), axis=axis)
 
 
 def velocity_loss_terms(pred: jax.Array, target: jax.Array) -> dict[str, jax.Array]:

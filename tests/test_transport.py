@@ -109,3 +109,17 @@ def test_score_from_velocity_is_exact_for_gaussian_data():
     v = (tb - (1 - tb)) / var[:, None, None, None] * x
     np.testing.assert_allclose(score_from_velocity(v, x, t), -x / var[:, None, None, None],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_loss_gradient_is_finite_at_a_zero_prediction():
+    """adaLN-Zero makes the initial prediction exactly 0: the first step must not be NaN."""
+    from dit_jax.transport import cosine_similarity, velocity_loss_terms
+
+    target = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+    grad = jax.grad(lambda p: velocity_loss_terms(p, target)["cos"].sum())(jnp.zeros_like(target))
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    # away from zero the value is torch's: (a / max(|a|, eps)) . (b / max(|b|, eps))
+    a = jax.random.normal(jax.random.key(1), (5, 3))
+    want = np.sum(a * np.asarray(target[0, 0, :1]), -1) / (
+        np.linalg.norm(a, axis=-1) * np.linalg.norm(target[0, 0, :1], axis=-1))
+    np.testing.assert_allclose(cosine_similarity(a, target[0, 0, :1]), want, rtol=1e-6)
