@@ -39,15 +39,23 @@ def _model(variant: str, name: str | None = None, **overrides) -> ml_collections
 
 def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    config.family = "lightningdit"
+    config.variant = arg
     config.seed = 0
+    # the loop (python -m launch.train): steps, logging, checkpoints, sample grids
+    config.total_steps = 80_000
+    config.log_every = 100
+    config.ckpt_every = 20_000
+    config.sample_every = 0  # 0: never
+    config.max_to_keep = 3
+    config.keep_period = 0  # keep every k-th checkpoint besides the last max_to_keep (0: none)
 
     config.transport = ml_collections.ConfigDict(
         {"time_dist": "logit_normal", "use_cosine_loss": True})
     config.optimizer = ml_collections.ConfigDict({
         "lr": 2e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0,
         "max_grad_norm": 0.0, "warmup_steps": 0})
-    config.train = ml_collections.ConfigDict(
-        {"global_batch_size": 1024, "max_steps": 80_000, "ema_decay": 0.9999})
+    config.train = ml_collections.ConfigDict({"global_batch_size": 1024, "ema_decay": 0.9999})
     config.sample = ml_collections.ConfigDict({
         "method": "euler", "num_steps": 250, "timestep_shift": 0.3, "cfg_scale": 10.0,
         "cfg_interval_start": 0.10, "cfg_channels": 3, "batch_size": 4})
@@ -55,6 +63,7 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
     # empty = leave the sampled latents normalised.
     config.latent_stats = ""
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.num_devices = 0  # train on the first n devices (0: all)
     # latents in upstream's layout (launch.data.latents): `latents` or `latents_flip` with
     # p = 0.5, normalised with latents_stats.pt, as upstream's ImgLatentDataset
     config.data = ml_collections.ConfigDict({
@@ -69,19 +78,24 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
         "max_bad_fraction": 0.0,
         "bad_fraction_min_items": 1000,
         "max_attempts": 4,
+        "prepare": "",  # a configs/vavae.py variant: extract latents when path is absent
+        "prepare_checkpoint": "",  # ... with these VA-VAE weights
     })
 
     if arg == "tiny":
         config.model = _model("LightningDiT-S/2", name="tiny", depth=2, hidden_size=64,
                               num_heads=4, input_size=8, in_channels=4, num_classes=10)
         config.train.global_batch_size = 16
-        config.train.max_steps = 100
+        config.update(total_steps=100, log_every=10, ckpt_every=50, sample_every=50)
         config.sample.update(num_steps=16, cfg_scale=4.0, cfg_interval_start=0.1,
                              cfg_channels=-1, batch_size=8)
         # latents of the procedural shapes, extracted by the tiny VA-VAE:
         #   python -m launch.extract_latents --config configs/vavae.py:tiny \
         #       --workdir runs/data/shapes32_latents
-        config.data.update(path="runs/data/shapes32_latents", worker_count=0)
+        # prepared on first use when absent: the shapes through configs/vavae.py:tiny (random
+        # weights unless data.prepare_checkpoint names a trained VA-VAE)
+        config.data.update(path="runs/data/shapes32_latents", worker_count=0, prepare="tiny",
+                           prepare_checkpoint="")
     elif arg == "xl1_64ep":
         config.model = _model("LightningDiT-XL/1")
     elif arg == "xl1_800ep":

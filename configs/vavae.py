@@ -17,19 +17,30 @@ Weights the frozen parts need (not downloaded at run time): DINOv2 ViT-L/14 (tim
 
 import ml_collections
 
+ITERATIONS_PER_EPOCH = 5005  # ImageNet train / 256, as upstream's Lightning epochs
 F16D32 = dict(double_z=True, z_channels=32, resolution=256, in_channels=3, out_ch=3, ch=128,
               ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0)
 
 
 def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    config.family = "vavae"
     config.variant = arg
     config.seed = 23
+    # the loop (python -m launch.train): ~5,005 iterations per ImageNet epoch at batch 256
+    config.total_steps = 0  # set below from train.epochs (tiny: 100)
+    config.log_every = 50
+    config.ckpt_every = 5005
+    config.sample_every = 750
+    config.max_to_keep = 3
+    config.keep_period = 0
     config.model = ml_collections.ConfigDict(
         {"embed_dim": 32, "ddconfig": dict(F16D32), "use_vf": "dinov2", "dtype": "float32",
          "remat": False})
+    # frozen weights (launch/training/frozen.py): DINOv2 file or orbax dir; LPIPS's two files
     config.foundation = ml_collections.ConfigDict(
-        {"size": "L", "overrides": {}, "imagenet_norm": False})
+        {"size": "L", "overrides": {}, "imagenet_norm": False, "checkpoint": ""})
+    config.lpips = ml_collections.ConfigDict({"vgg16": "", "heads": ""})
     config.discriminator = ml_collections.ConfigDict({"ndf": 64, "n_layers": 3})
     config.loss = ml_collections.ConfigDict({
         "kl_weight": 1e-6, "perceptual_weight": 1.0, "logvar": 0.0, "disc_start": 5001,
@@ -41,6 +52,7 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(
         {"global_batch_size": 256, "epochs": 50})
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.num_devices = 0  # train on the first n devices (0: all)
     config.data = data_config()
     # latent extraction (python -m launch.extract_latents): ADM center crop of data.image_size,
     # each image and its mirror encoded, `shard_size` latents per file as upstream
@@ -56,6 +68,7 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
         config.discriminator.update(ndf=8, n_layers=2)
         config.loss.update(disc_start=0, perceptual_weight=0.0)
         config.train.update(global_batch_size=8, epochs=1)
+        config.update(total_steps=100, log_every=10, ckpt_every=50, sample_every=50)
         # the procedural shapes dataset (written on first use, no download)
         config.data.update(path="runs/data/shapes32", image_size=32, worker_count=0,
                            procedural_images_per_class=300, exclude=())
@@ -76,6 +89,8 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
     else:
         raise ValueError(f"unknown config variant {arg!r}: tiny, f16d32_vfdinov2, "
                          "long_stage1..3, f16d32_ldm")
+    if arg != "tiny":
+        config.total_steps = config.train.epochs * ITERATIONS_PER_EPOCH
     return config
 
 

@@ -22,9 +22,9 @@ def latent_preview(latents: np.ndarray) -> np.ndarray:
     return ((rgb - lo) / np.maximum(hi - lo, 1e-8) * 255).astype(np.uint8)
 
 
-def save_grid(path: str | os.PathLike, images: np.ndarray, ncols: int | None = None,
-              upscale: int = 1) -> None:
-    """Tile uint8 images (N, H, W, 3) into one PNG, `ncols` per row (default ~sqrt N)."""
+def make_grid(images: np.ndarray, ncols: int | None = None, upscale: int = 1) -> np.ndarray:
+    """Tile uint8 images (N, H, W, 3) into one uint8 grid, `ncols` per row (default ~sqrt N),
+    each pixel repeated `upscale` times (nearest)."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
@@ -35,8 +35,10 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, ncols: int | None = N
     for i, img in enumerate(images):
         r, c = divmod(i, ncols)
         grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
-    picture = Image.fromarray(grid)
-    if upscale > 1:
-        picture = picture.resize((grid.shape[1] * upscale, grid.shape[0] * upscale),
-                                 Image.NEAREST)
-    picture.save(path)
+    return np.repeat(np.repeat(grid, upscale, axis=0), upscale, axis=1)
+
+
+def save_grid(path: str | os.PathLike, images: np.ndarray, ncols: int | None = None,
+              upscale: int = 1) -> None:
+    """`make_grid` written as one PNG."""
+    Image.fromarray(make_grid(images, ncols, upscale)).save(path)

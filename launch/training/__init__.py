@@ -1,0 +1,1 @@
+"""Training-run utilities: checkpoints, metrics, and import/export of upstream PyTorch runs."""

@@ -1,0 +1,193 @@
+"""What the training loop needs to know about each model, behind one small interface.
+
+An adapter builds, from a config: the state (boxed with logical axes, for `eval_shape`), the
+pure step ``step(state, batch, rng, frozen) -> (state, metrics)``, the frozen tree (DINOv2 and
+LPIPS for the VA-VAE, nothing for LightningDiT), the data iterator, the weights saved for
+inference, a FLOP count per example and a PNG grid to look at. The loop never branches on the
+model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from launch import images as image_grids
+from launch import sharding
+
+
+def forward_flops(fn, *abstract_args) -> float:
+    """FLOPs (2*MAC) of one call of `fn`, from XLA's cost analysis of the lowered program."""
+    analysis = jax.jit(fn).lower(*abstract_args).cost_analysis()
+    return float(analysis["flops"]) if analysis and "flops" in analysis else float("nan")
+
+
+class LightningDiTAdapter:
+    """Rectified-flow LightningDiT on latents (`config.data` = a latent directory)."""
+
+    batch_key = "latents"
+
+    def __init__(self, config):
+        from configs.lightningdit import model_kwargs
+        from dit_jax import LightningDiT
+        from dit_jax.train_step import make_optimizer
+
+        self.config = config
+        self.model = LightningDiT(**model_kwargs(config))
+        opt = config.optimizer
+        self.optimizer = make_optimizer(opt.lr, opt.b1, opt.b2, opt.eps, opt.weight_decay,
+                                        opt.max_grad_norm or None, opt.warmup_steps)
+
+    def init_state(self, rng):
+        from dit_jax.train_step import init_train_state
+
+        return init_train_state(self.model, self.optimizer, rng)
+
+    def step(self, state, batch, rng, frozen):
+        from dit_jax.train_step import train_step
+
+        del frozen
+        return train_step(state, batch, rng, model=self.model, optimizer=self.optimizer,
+                          ema_decay=self.config.train.ema_decay,
+                          time_dist=self.config.transport.time_dist,
+                          use_cosine_loss=self.config.transport.use_cosine_loss)
+
+    def frozen(self, mesh):
+        del mesh
+        return {}
+
+    def prepare_latents(self) -> None:
+        """Latents absent and `config.data.prepare` names a VA-VAE config variant: encode its
+        images into `config.data.path` first (the tiny config: procedural shapes through the
+        tiny VA-VAE, or a trained one given by `config.data.prepare_checkpoint`)."""
+        import os
+
+        data = self.config.data
+        if os.path.exists(os.path.join(data.path, "latents_stats.pt")) or not data.get(
+                "prepare"):
+            return
+        from configs.vavae import get_config as vavae_config
+        from launch.data.extraction import extract_latents
+
+        logging.info("no latents at %s: extracting them with configs/vavae.py:%s", data.path,
+                     data.prepare)
+        extract_latents(vavae_config(data.prepare), data.path,
+                        data.get("prepare_checkpoint") or None)
+
+    def make_iterator(self, *, global_batch_size: int, mesh, start_step: int = 0):
+        from launch.data.latents import make_latent_iterator
+
+        self.prepare_latents()
+        m = self.model
+        return make_latent_iterator(self.config.data, global_batch_size=global_batch_size,
+                                    seed=self.config.seed, num_classes=m.num_classes,
+                                    latent_size=m.input_size, channels=m.in_channels, mesh=mesh,
+                                    start_step=start_step)
+
+    def inference_params(self, state):
+        return state.ema_params
+
+    def flops_per_example(self, params) -> float:
+        s, c = self.model.input_size, self.model.in_channels
+        args = (jax.ShapeDtypeStruct((1, s, s, c), jnp.float32),
+                jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
+        fwd = forward_flops(lambda p, x, t, y: self.model.apply({"params": p}, x, t, y),
+                            params, *args)
+        return 3.0 * fwd  # forward + backward (twice the forward)
+
+    def visualise(self, state, batch, rng) -> np.ndarray:
+        """First latent channels of EMA samples (16 Euler steps, classes 0, 1, ...)."""
+        from dit_jax.samplers import sample_latents
+
+        m = self.model
+        n = 8
+        noise = jax.random.normal(rng, (n, m.input_size, m.input_size, m.in_channels))
+        labels = jnp.arange(n) % m.num_classes
+        sample = functools.partial(sample_latents, m, method="euler", num_steps=16,
+                                   timestep_shift=0.0, cfg_scale=1.0)
+        latents = jax.jit(sample)(state.ema_params, noise, labels, rng)
+        preview = image_grids.latent_preview(np.asarray(latents))
+        return image_grids.make_grid(preview, upscale=max(1, 64 // m.input_size))
+
+
+class VAVAEAdapter:
+    """VA-VAE (autoencoder + PatchGAN, frozen DINOv2 / LPIPS) on images."""
+
+    batch_key = "image"
+
+    def __init__(self, config):
+        from configs.vavae import build_models
+
+        self.config = config
+        self.models, self.loss, (self.ae_opt, self.disc_opt) = build_models(config)
+        self.image_size = config.data.image_size
+
+    def init_state(self, rng):
+        from vavae_jax.train_step import init_train_state
+
+        s = self.image_size
+        return init_train_state(self.models, rng, (1, s, s, 3), ae_optimizer=self.ae_opt,
+                                disc_optimizer=self.disc_opt)
+
+    def step(self, state, batch, rng, frozen):
+        from launch.data.preprocess import to_model_range
+        from vavae_jax.train_step import train_step
+
+        # upstream's VA-VAE data scales with taming's x / 127.5 - 1 (bit-exact table)
+        batch = {"image": to_model_range(batch["image"], "taming")}
+        state, metrics = train_step(state, batch, rng, frozen, models=self.models,
+                                    loss=self.loss, ae_optimizer=self.ae_opt,
+                                    disc_optimizer=self.disc_opt)
+        return state, {"loss": metrics["total_loss"], **metrics}  # the optimised total
+
+    def frozen(self, mesh):
+        """{'lpips': params | None, 'foundation': params | None}, replicated on `mesh`."""
+        from launch.training.frozen import load_frozen
+
+        return jax.device_put(load_frozen(self.config, self.models),
+                              sharding.replicated(mesh))
+
+    def make_iterator(self, *, global_batch_size: int, mesh, start_step: int = 0):
+        from launch.data.image_pipeline import make_image_iterator
+
+        return make_image_iterator(self.config.data, global_batch_size=global_batch_size,
+                                   seed=self.config.seed, mesh=mesh, start_step=start_step)
+
+    def inference_params(self, state):
+        return {k: v for k, v in state.params.items() if k != "linear_proj"}
+
+    def flops_per_example(self, params) -> float:
+        s = self.image_size
+        x = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+        ae = self.models.autoencoder
+        fwd = forward_flops(
+            lambda p, x: ae.apply({"params": p}, x, sample_posterior=False)[0], params, x)
+        return 3.0 * fwd  # the autoencoder dominates (frozen and GAN parts not counted)
+
+    def visualise(self, state, batch, rng) -> np.ndarray:
+        """Originals (top row) over reconstructions (posterior means), 8 images."""
+        from launch.data.preprocess import to_model_range
+
+        del rng
+        ae = self.models.autoencoder
+        x = to_model_range(jnp.asarray(np.asarray(batch["image"])[:8]), "taming")
+        recon = jax.jit(lambda p, x: ae.apply({"params": p}, x, sample_posterior=False)[0])(
+            state.params, x)
+        both = np.concatenate([image_grids.to_uint8(np.asarray(x)),
+                               image_grids.to_uint8(np.asarray(recon))])
+        return image_grids.make_grid(both, ncols=len(x), upscale=max(1, 64 // self.image_size))
+
+
+ADAPTERS = {"lightningdit": LightningDiTAdapter, "vavae": VAVAEAdapter}
+
+
+def make_adapter(config):
+    family = config.get("family")
+    if family not in ADAPTERS:
+        raise ValueError(f"config.family={family!r}: expected one of {sorted(ADAPTERS)}")
+    logging.info("model family %s", family)
+    return ADAPTERS[family](config)

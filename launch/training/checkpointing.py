@@ -1,0 +1,83 @@
+"""Training checkpoints: an orbax `CheckpointManager` over a composite of named items.
+
+`WORKDIR/checkpoints/<step>/` holds
+  state   the whole train state (params, EMA, optimiser, step), restored onto any mesh
+  params  the weights used for inference (LightningDiT: the EMA; VA-VAE: the autoencoder),
+          read by extraction, sampling and conversion (`launch.params_io.resolve_params_dir`)
+  data    the data iterator's position (host-independent JSON, `GlobalBatchIterator.get_state`)
+  config  the run's config as JSON
+Randomness needs no item: every step derives its keys from (config.seed, step).
+
+Saves are asynchronous: `save` returns once the arrays are copied off the devices. A
+checkpoint is visible only after orbax commits it, so a kill during a save leaves the previous
+one; a latest checkpoint that cannot be read is skipped with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+ITEMS = ("state", "params", "data", "config")
+
+
+def abstract_with_shardings(abstract, shardings):
+    """ShapeDtypeStructs carrying the target shardings: restore straight onto the mesh."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+class Checkpointer:
+    """Save / restore one run's checkpoints under `workdir/checkpoints`."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, keep_period: int | None = None,
+                 async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, keep_period=keep_period or None, create=True,
+            enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def save(self, step: int, *, state, params, data_state: dict, config: dict,
+             force: bool = False) -> bool:
+        """Start saving `step` (returns at once when async); True when a save was started."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), params=ocp.args.StandardSave(params),
+            data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config))
+        return self.manager.save(step, args=args, force=force)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once JAX's preemption notice (TPU maintenance) has arrived."""
+        return self.manager.reached_preemption(step)
+
+    def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
+        """(step, state, data_state) of the newest readable checkpoint, or None if there is none.
+
+        `abstract_state` holds ShapeDtypeStructs with shardings (see `abstract_with_shardings`):
+        the state lands on the current mesh, whatever mesh saved it."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001 (any unreadable checkpoint: use an older one)
+                logging.warning("checkpoint %s cannot be restored (%s: %s); trying the one "
+                                "before it", os.path.join(self.directory, str(step)),
+                                type(e).__name__, str(e)[:500])
+                continue
+            return step, restored["state"], restored["data"]
+        return None
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,176 @@
+"""The training loop, one for both models (`launch.training.adapters` says what differs).
+
+Sections, in order: mesh and model; state (born sharded, or restored from the newest readable
+checkpoint, or initialised from released weights); data (positioned at the restored step);
+the jitted step; the loop with metrics, grids, checkpoints and the preemption check.
+
+Rerunning the same command in the same workdir continues where the last checkpoint left off,
+bit-identically on the same mesh: the state, the data position and every random key (derived
+from (config.seed, step)) are restored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+from absl import logging
+from flax import linen as nn
+from jax.experimental import multihost_utils
+
+from launch import sharding
+from launch.training.adapters import make_adapter
+from launch.training.checkpointing import Checkpointer, abstract_with_shardings
+from launch.training.metrics import MetricLogger
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or Inf in the training metrics."""
+
+
+class StopSignal:
+    """Remembers a SIGTERM / SIGINT (preemption, Ctrl-C) until the loop can save and stop."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        logging.warning("received %s: saving a checkpoint at the next step, then stopping",
+                        signal.Signals(signum).name)
+        self.received = signum
+
+    def agreed(self) -> bool:
+        """True on every process when any process got a signal (one collective)."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+        return bool(np.any(flags))
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_finite(history: list[tuple[int, dict]]) -> None:
+    """Raise at the first step whose metrics hold a NaN or Inf, naming the metric."""
+    for step, metrics in history:
+        for name, value in metrics.items():
+            if not np.isfinite(value):
+                raise NonFiniteError(f"{name} = {value} at step {step}: stopping (lower the "
+                                     "learning rate, enable QK-norm or gradient clipping, or "
+                                     "resume from an earlier checkpoint)")
+
+
+def config_dict(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def train(config, workdir: str) -> dict:
+    """Train `config` in `workdir` up to `config.total_steps`; returns the last logged metrics."""
+    # -- mesh and model ----------------------------------------------------------------------
+    adapter = make_adapter(config)
+    devices = jax.devices()[: config.get("num_devices") or None]  # 0: every device
+    mesh = sharding.create_mesh(dict(config.mesh), devices)
+    batch_size = config.train.global_batch_size
+    if batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"train.global_batch_size={batch_size} is not divisible by the "
+                         f"data x fsdp devices of mesh {dict(mesh.shape)}")
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+
+    # -- state: restored, or born sharded ------------------------------------------------------
+    abstract_boxed = jax.eval_shape(adapter.init_state, init_rng)
+    state_shardings = sharding.logical_shardings(abstract_boxed, mesh)
+    checkpointer = Checkpointer(workdir, max_to_keep=config.max_to_keep,
+                                keep_period=config.get("keep_period") or None)
+    restored = checkpointer.restore_latest(
+        abstract_with_shardings(nn.meta.unbox(abstract_boxed), state_shardings))
+    if restored is not None:
+        start_step, state, data_state = restored
+        logging.info("resumed from %s at step %d", checkpointer.directory, start_step)
+    else:
+        start_step, data_state = 0, None
+        state, _ = sharding.sharded_init(adapter.init_state, init_rng, mesh=mesh)
+    frozen = adapter.frozen(mesh)
+
+    # -- data ----------------------------------------------------------------------------------
+    data = adapter.make_iterator(global_batch_size=batch_size, mesh=mesh)
+    if data_state is not None:
+        data.set_state(data_state)
+
+    # -- the step: compiled once, state donated ------------------------------------------------
+    replicated = sharding.replicated(mesh)
+    logger = MetricLogger(workdir, total_steps=config.total_steps, batch_size=batch_size,
+                          flops_per_example=adapter.flops_per_example(
+                              adapter.inference_params(nn.meta.unbox(abstract_boxed))),
+                          num_devices=mesh.devices.size, enabled=jax.process_index() == 0)
+    step_fn = None
+    stop = StopSignal()
+    history: list[tuple[int, dict]] = []
+    last = {}
+    step = start_step
+    try:
+        with sharding.mesh_context(mesh):
+            while step < config.total_steps:
+                batch = next(data)
+                if step_fn is None:
+                    batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+                    step_fn = jax.jit(adapter.step,
+                                      in_shardings=(state_shardings, batch_shardings,
+                                                    replicated, replicated),
+                                      out_shardings=(state_shardings, replicated),
+                                      donate_argnums=0)
+                state, metrics = step_fn(state, batch, step_rng, frozen)
+                step += 1
+                history.append((step, metrics))
+                if step == start_step + 1:
+                    logger.start(step)  # throughput excludes compilation
+
+                # -- metrics, grids --------------------------------------------------------
+                if step % config.log_every == 0 or step == config.total_steps:
+                    fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()})
+                               for s, m in history]
+                    check_finite(fetched)
+                    mean = {k: float(np.mean([m[k] for _, m in fetched]))
+                            for k in fetched[-1][1]}
+                    last = logger.write(step, mean)
+                    history = []
+                if config.get("sample_every") and step % config.sample_every == 0:
+                    grid = adapter.visualise(state, batch, jax.random.fold_in(step_rng, step))
+                    logger.write_grid(step, "samples", grid)
+
+                # -- checkpoints, preemption -----------------------------------------------
+                preempted = stop.agreed() or checkpointer.reached_preemption(step)
+                if (step % config.ckpt_every == 0 or step == config.total_steps
+                        or preempted):
+                    checkpointer.save(step, state=state,
+                                      params=adapter.inference_params(state),
+                                      data_state=data.get_state(), config=config_dict(config),
+                                      force=preempted)
+                if preempted:
+                    logging.warning("stopped at step %d after a signal; rerun the same "
+                                    "command to continue", step)
+                    break
+    finally:
+        stop.restore()
+        checkpointer.close()  # waits for the last asynchronous save
+        data.close()
+        logger.close()
+    if step_fn is not None:
+        last["compilations"] = step_fn._cache_size()  # noqa: SLF001 (recompilation check)
+    last["final_step"] = step
+    return last
+
+
+def ensure_workdir(workdir: str, config) -> None:
+    """Create the workdir and write config.json once (process 0)."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))

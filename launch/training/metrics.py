@@ -1,0 +1,127 @@
+"""Metrics and progress: TensorBoard event files, `metrics.jsonl`, a progress line, PNG grids.
+
+TensorBoard files are written with tensorboardX (no TensorFlow in the training process).
+Every logged step appends one JSON object to `WORKDIR/metrics.jsonl` with at least `step` and
+`loss` (the optimised total). Only process 0 writes; the other processes keep the same object
+with writing switched off, so callers never branch on the process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+# dense bf16 peaks per device, for the MFU column (None: not reported)
+PEAK_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
+    "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v4": 275e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def peak_flops_per_device() -> float | None:
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    h, rem = divmod(int(seconds), 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+class MetricLogger:
+    """Writes scalars and images for one run; `write` also prints the progress line."""
+
+    def __init__(self, workdir: str, *, total_steps: int, batch_size: int,
+                 flops_per_example: float | None = None, num_devices: int = 1,
+                 enabled: bool = True):
+        self.workdir = workdir
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self.flops_per_example = flops_per_example  # forward + backward, 2*MAC convention
+        self.num_devices = num_devices
+        self.peak = peak_flops_per_device()
+        self.enabled = enabled
+        self._writer = None
+        self._jsonl = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(workdir, exist_ok=True)
+            self._writer = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        self._last_time = None
+        self._last_step = None
+
+    def start(self, step: int) -> None:
+        """Start the clock (after compilation) at `step`."""
+        self._last_time, self._last_step = time.perf_counter(), step
+
+    def write(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Log `metrics` (host floats) at `step`, with throughput since the last call."""
+        now = time.perf_counter()
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        if self._last_time is not None and step > self._last_step:
+            seconds_per_step = (now - self._last_time) / (step - self._last_step)
+            record["examples_per_sec"] = self.batch_size / seconds_per_step
+            if self.flops_per_example:
+                per_device = self.flops_per_example * record["examples_per_sec"] / self.num_devices
+                record["tflops_per_device"] = per_device / 1e12
+                if self.peak:
+                    record["mfu"] = per_device / self.peak
+            eta = seconds_per_step * (self.total_steps - step)
+        else:
+            eta = float("nan")
+        self._last_time, self._last_step = now, step
+        if self.enabled:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+            for key, value in record.items():
+                if key != "step":
+                    self._writer.add_scalar(key, value, step)
+            logging.info("%s", self.progress_line(record, eta))
+        return record
+
+    def progress_line(self, record: dict, eta: float) -> str:
+        parts = [f"step {record['step']}/{self.total_steps}"]
+        for key, value in record.items():
+            if key in ("step", "examples_per_sec", "tflops_per_device", "mfu"):
+                continue
+            parts.append(f"{key} {value:.4g}")
+        if "examples_per_sec" in record:
+            parts.append(f"{record['examples_per_sec']:.1f} ex/s")
+        if "tflops_per_device" in record:
+            parts.append(f"{record['tflops_per_device']:.2f} TFLOP/s/dev")
+        if "mfu" in record:
+            parts.append(f"MFU {100 * record['mfu']:.1f}%")
+        parts.append(f"ETA {format_eta(eta)}")
+        return " | ".join(parts)
+
+    def write_grid(self, step: int, name: str, grid: np.ndarray) -> str | None:
+        """Save a uint8 (H, W, 3) grid as `WORKDIR/images/{name}_{step:08d}.png` and in TB."""
+        if not self.enabled:
+            return None
+        from PIL import Image
+
+        path = os.path.join(self.workdir, "images", f"{name}_{step:08d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(grid).save(path)
+        self._writer.add_image(name, grid, step, dataformats="HWC")
+        return path
+
+    def close(self) -> None:
+        if self.enabled:
+            self._writer.close()
+            self._jsonl.close()

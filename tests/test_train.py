@@ -1,0 +1,175 @@
+"""The training loop (`launch.training.loop.train`) on 8 simulated devices: one compilation,
+exact resume, SIGTERM then resume, corrupt-checkpoint fallback, restore on a smaller mesh, the
+NaN guard; and `python -m launch.train` for both tiny configs."""
+
+import json
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from helpers import run_module
+
+from configs.lightningdit import get_config as dit_config
+from launch.data.latents import save_latent_stats, write_latent_shard
+from launch.data.pipeline import GlobalBatchIterator
+from launch.training.loop import NonFiniteError, train
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    """64 random 8x8x4 latents in two shards (the tiny LightningDiT's input)."""
+    path = tmp_path_factory.mktemp("latents")
+    rng = np.random.default_rng(0)
+    for shard in range(2):
+        z = rng.normal(size=(32, 4, 8, 8)).astype(np.float32)
+        write_latent_shard(str(path / f"latents_rank00_shard{shard:03d}.safetensors"), z,
+                           z[..., ::-1], rng.integers(0, 10, 32))
+    save_latent_stats(str(path / "latents_stats.pt"), np.zeros(4), np.ones(4))
+    return path
+
+
+def config(latents, **overrides):
+    c = dit_config("tiny")
+    c.update(total_steps=6, log_every=1, ckpt_every=3, sample_every=0)
+    c.data.update(path=str(latents), prepare="")
+    c.mesh.update(data=2, fsdp=4)
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def final_params(workdir, step):
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.join(workdir, "checkpoints", str(step), "params"))
+
+
+def assert_same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(latents, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    summary = train(config(latents), workdir)
+    return workdir, summary
+
+
+def test_one_compilation_and_metrics(uninterrupted):
+    workdir, summary = uninterrupted
+    assert summary["compilations"] == 1 and summary["final_step"] == 6
+    record = json.loads(open(os.path.join(workdir, "metrics.jsonl")).readlines()[-1])
+    assert {"step", "loss", "mse", "cos", "grad_norm"} <= set(record)
+    assert np.isfinite(record["loss"])
+    assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                  if d.isdigit()) == [3, 6]
+
+
+def test_restart_is_bit_identical(latents, uninterrupted, tmp_path):
+    straight, _ = uninterrupted
+    train(config(latents, total_steps=3), str(tmp_path))
+    summary = train(config(latents), str(tmp_path))  # the same command again: continues
+    assert summary["final_step"] == 6
+    assert losses(tmp_path) == losses(straight)
+    assert_same_params(final_params(tmp_path, 6), final_params(straight, 6))
+
+
+def test_sigterm_saves_then_resume_is_identical(latents, uninterrupted, tmp_path, monkeypatch):
+    straight, _ = uninterrupted
+    original = GlobalBatchIterator.__next__
+
+    def next_batch(self):
+        if self.step == 4:  # preempted while the 5th batch is read
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.setattr(GlobalBatchIterator, "__next__", next_batch)
+    summary = train(config(latents), str(tmp_path))
+    assert summary["final_step"] == 5
+    assert os.path.isdir(tmp_path / "checkpoints" / "5")
+    monkeypatch.undo()
+    train(config(latents), str(tmp_path))
+    assert losses(tmp_path) == losses(straight)
+    assert_same_params(final_params(tmp_path, 6), final_params(straight, 6))
+
+
+def test_corrupt_latest_checkpoint_falls_back(latents, uninterrupted, tmp_path, caplog):
+    straight, _ = uninterrupted
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    state_dir = tmp_path / "checkpoints" / "6" / "state"
+    for root, _, files in os.walk(state_dir):  # garble every array file of the newest state
+        for name in files:
+            if "manifest" in name or name.startswith("d") or "ocdbt" in root:
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"garbage")
+    with open(tmp_path / "metrics.jsonl") as f:
+        kept = [line for line in f if json.loads(line)["step"] <= 3]
+    (tmp_path / "metrics.jsonl").write_text("".join(kept))
+    summary = train(config(latents), str(tmp_path))
+    assert "checkpoints/6 cannot be restored" in caplog.text
+    assert summary["final_step"] == 6
+    assert losses(tmp_path) == losses(straight)
+    assert_same_params(final_params(tmp_path, 6), final_params(straight, 6))
+
+
+def test_restore_on_a_smaller_mesh(latents, uninterrupted, tmp_path):
+    straight, _ = uninterrupted
+    train(config(latents, total_steps=3), str(tmp_path))
+    # 8 devices (data 2 x fsdp 4) -> 4 devices (data 4): same losses within float tolerance
+    summary = train(config(latents, num_devices=4, **{"mesh.data": 4, "mesh.fsdp": 1}),
+                    str(tmp_path))
+    assert summary["final_step"] == 6
+    a, b = losses(tmp_path), losses(straight)
+    np.testing.assert_allclose([a[s] for s in range(1, 7)], [b[s] for s in range(1, 7)],
+                               rtol=1e-5)
+
+
+def test_nan_guard_names_the_step_and_metric(latents, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(latents, bad)
+    z = np.full((32, 4, 8, 8), np.nan, np.float32)
+    write_latent_shard(str(bad / "latents_rank00_shard000.safetensors"), z, z,
+                       np.zeros(32, np.int64))
+    write_latent_shard(str(bad / "latents_rank00_shard001.safetensors"), z, z,
+                       np.zeros(32, np.int64))
+    with pytest.raises(NonFiniteError, match=r"= nan at step 1"):
+        train(config(bad), str(tmp_path / "run"))
+
+
+def test_train_cli_vavae_tiny(tmp_path):
+    from launch.data.procedural import write_shapes_dataset
+
+    tree = write_shapes_dataset(tmp_path / "shapes", image_size=32, images_per_class=4)
+    out = run_module("launch.train", "--config", "configs/vavae.py:tiny", "--workdir",
+                     str(tmp_path / "run"), f"--config.data.path={tree}",
+                     "--config.data.procedural_images_per_class=0", "--config.total_steps=3",
+                     "--config.log_every=1", "--config.ckpt_every=3", "--config.sample_every=3")
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["final_step"] == 3 and summary["compilations"] == 1
+    assert np.isfinite(summary["loss"]) and "vf_loss" in summary
+    assert (tmp_path / "run" / "images" / "samples_00000003.png").exists()
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "3" / "params")
+
+
+def test_train_cli_lightningdit_tiny_prepares_its_latents(tmp_path):
+    out = run_module("launch.train", "--config", "configs/lightningdit.py:tiny", "--workdir",
+                     str(tmp_path / "run"), f"--config.data.path={tmp_path / 'latents'}",
+                     "--config.total_steps=2", "--config.log_every=1",
+                     "--config.ckpt_every=2", "--config.sample_every=2")
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["final_step"] == 2 and np.isfinite(summary["loss"])
+    assert (tmp_path / "latents" / "latents_stats.pt").exists()  # extracted on first use
+    assert (tmp_path / "run" / "images" / "samples_00000002.png").exists()
