@@ -62,8 +62,13 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
     # Channel-wise latent statistics (upstream latents_stats.pt) for de-normalising samples;
     # empty = leave the sampled latents normalised.
     config.latent_stats = ""
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # dcn_data > 1 splits the data axis over slices / nodes (data-center network)
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1})
     config.num_devices = 0  # train on the first n devices (0: all)
+    # weights to start from (a fresh run only; a workdir with checkpoints resumes instead)
+    config.init_from = ""
+    # a NaN / Inf loss or gradient norm: 'stop' (naming the step and metric) or 'skip' the update
+    config.nan_policy = "stop"
     # latents in upstream's layout (launch.data.latents): `latents` or `latents_flip` with
     # p = 0.5, normalised with latents_stats.pt, as upstream's ImgLatentDataset
     config.data = ml_collections.ConfigDict({

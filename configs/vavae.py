@@ -51,8 +51,13 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
         {"lr": 1e-4, "b1": 0.5, "b2": 0.9, "proj_fix": False})
     config.train = ml_collections.ConfigDict(
         {"global_batch_size": 256, "epochs": 50})
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # dcn_data > 1 splits the data axis over slices / nodes (data-center network)
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1})
     config.num_devices = 0  # train on the first n devices (0: all)
+    # weights to start from (a fresh run only; a workdir with checkpoints resumes instead)
+    config.init_from = ""
+    # a NaN / Inf loss or gradient norm: 'stop' (naming the step and metric) or 'skip' the update
+    config.nan_policy = "stop"
     config.data = data_config()
     # latent extraction (python -m launch.extract_latents): ADM center crop of data.image_size,
     # each image and its mirror encoded, `shard_size` latents per file as upstream

@@ -55,10 +55,16 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 def create_mesh(shape: Sequence[int] | dict[str, int], devices=None) -> Mesh:
     """A ``('data', 'fsdp', 'tensor')`` mesh; one entry of `shape` may be -1 (fill the rest).
 
+    On TPUs and GPUs the devices are laid out by `mesh_utils` so neighbouring mesh positions
+    are neighbours on the interconnect; a `dcn_data` entry (> 1) splits the data axis across
+    slices / hosts joined by the data-center network (multi-slice TPU, multi-node GPU).
     Uses `jax.sharding.Mesh` (Auto axis types): Linen's logical partitioning does not work with
     the Explicit axes that `jax.make_mesh` defaults to.
     """
+    dcn_data = 1
     if isinstance(shape, dict):
+        shape = dict(shape)
+        dcn_data = int(shape.pop("dcn_data", 1) or 1)
         unknown = set(shape) - set(MESH_AXES)
         if unknown:
             raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected {MESH_AXES}")
@@ -66,8 +72,8 @@ def create_mesh(shape: Sequence[int] | dict[str, int], devices=None) -> Mesh:
     shape = list(shape)
     if len(shape) != len(MESH_AXES):
         raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
-    devices = np.asarray(jax.devices() if devices is None else devices)
-    n = devices.size
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
     if shape.count(-1) > 1:
         raise ValueError(f"mesh shape {shape}: at most one -1")
     if -1 in shape:
@@ -77,7 +83,22 @@ def create_mesh(shape: Sequence[int] | dict[str, int], devices=None) -> Mesh:
         shape[shape.index(-1)] = n // known
     if int(np.prod(shape)) != n:
         raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {n}")
-    return Mesh(devices.reshape(shape), MESH_AXES)
+    if shape[0] % dcn_data:
+        raise ValueError(f"mesh.dcn_data={dcn_data} does not divide the data axis {shape[0]}")
+    return Mesh(device_grid(shape, devices, dcn_data), MESH_AXES)
+
+
+def device_grid(shape: list[int], devices: list, dcn_data: int = 1) -> np.ndarray:
+    """Devices arranged as `shape`: interconnect-aware on accelerators, in order on CPU."""
+    from jax.experimental import mesh_utils
+
+    if devices[0].platform == "cpu" or len(devices) == 1:
+        return np.asarray(devices).reshape(shape)
+    if dcn_data > 1:
+        ici = [shape[0] // dcn_data, *shape[1:]]
+        return mesh_utils.create_hybrid_device_mesh(ici, [dcn_data, 1, 1], devices,
+                                                    allow_split_physical_axes=True)
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
 
 
 def _divisible(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:

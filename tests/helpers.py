@@ -78,9 +78,11 @@ def run_module(*args: str, timeout: int = 300) -> str:
 
 
 def run_processes(argv: list[str], num_processes: int = 2, devices_per_process: int = 2,
-                  timeout: int = 300) -> list[str]:
+                  timeout: int = 300, as_flags: bool = False) -> list[str]:
     """Run `argv` (after the python executable) as a real multi-process JAX job on this host:
-    `num_processes` CPU processes joined through launch.distributed; returns their stdouts."""
+    `num_processes` CPU processes joined through launch.distributed (told by environment
+    variables, or by --coordinator_address / --num_processes / --process_id flags when
+    `as_flags`); returns their stdouts."""
     import socket
 
     with socket.socket() as s:
@@ -88,11 +90,17 @@ def run_processes(argv: list[str], num_processes: int = 2, devices_per_process: 
         port = s.getsockname()[1]
     procs = []
     for i in range(num_processes):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES=str(num_processes),
-                   JAX_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
                    PYTHONPATH=str(REPO))
-        procs.append(subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env, text=True,
+        where = dict(coordinator_address=f"localhost:{port}", num_processes=num_processes,
+                     process_id=i)
+        if as_flags:
+            args = [*argv, *(f"--{k}={v}" for k, v in where.items())]
+        else:
+            args = list(argv)
+            env.update({f"JAX_{k.upper()}": str(v) for k, v in where.items()})
+        procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     outputs = []
     for i, proc in enumerate(procs):

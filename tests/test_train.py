@@ -173,3 +173,60 @@ def test_train_cli_lightningdit_tiny_prepares_its_latents(tmp_path):
     assert summary["final_step"] == 2 and np.isfinite(summary["loss"])
     assert (tmp_path / "latents" / "latents_stats.pt").exists()  # extracted on first use
     assert (tmp_path / "run" / "images" / "samples_00000002.png").exists()
+
+
+def test_continue_an_upstream_pytorch_run(latents, uninterrupted, tmp_path):
+    """Step 3 exported to upstream's {'model', 'ema', 'opt'} .pt, then continued here."""
+    import torch
+    from flax import linen as nn
+
+    from configs.lightningdit import architecture_kwargs
+    from launch.training.adapters import LightningDiTAdapter
+    from launch.training.torch_import import train_state_to_torch
+
+    straight, _ = uninterrupted
+    cfg = config(latents)
+    adapter = LightningDiTAdapter(cfg)
+    abstract = nn.meta.unbox(jax.eval_shape(adapter.init_state, jax.random.key(0)))
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(os.path.join(straight, "checkpoints", "3", "state"), abstract)
+    torch.save(train_state_to_torch(state, model_kwargs=architecture_kwargs(cfg)),
+               tmp_path / "upstream_step3.pt")
+    summary = train(config(latents, init_from=str(tmp_path / "upstream_step3.pt")),
+                    str(tmp_path / "run"))
+    assert summary["final_step"] == 6
+    got, want = losses(tmp_path / "run"), losses(straight)
+    assert sorted(got) == [4, 5, 6]
+    np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)],
+                               rtol=1e-6)
+
+
+def test_nan_policy_skip_keeps_the_state(latents, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(latents, bad)
+    z = np.full((32, 4, 8, 8), np.nan, np.float32)
+    for shard in range(2):
+        write_latent_shard(str(bad / f"latents_rank00_shard{shard:03d}.safetensors"), z, z,
+                           np.zeros(32, np.int64))
+    summary = train(config(bad, nan_policy="skip", total_steps=2, ckpt_every=2),
+                    str(tmp_path / "run"))
+    assert summary["final_step"] == 2 and summary["skipped"] == 1.0
+    params = final_params(tmp_path / "run", 2)  # the EMA never moved: still finite
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+def test_two_processes_train_like_one_process_with_two_devices(latents, tmp_path):
+    """launch.train over two real JAX processes (one CPU device each, gloo collectives)."""
+    from helpers import run_processes
+
+    args = ["-m", "launch.train", "--config", "configs/lightningdit.py:tiny",
+            f"--config.data.path={latents}", "--config.data.prepare=", "--config.total_steps=3",
+            "--config.log_every=1", "--config.ckpt_every=3", "--config.sample_every=0"]
+    run_processes([*args, "--workdir", str(tmp_path / "two")], devices_per_process=1,
+                  as_flags=True)
+    run_module(*args[1:], "--workdir", str(tmp_path / "one"))  # one process, two devices
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(two) == [1, 2, 3]
+    np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)],
+                               rtol=1e-5)
+    assert os.path.isdir(tmp_path / "two" / "checkpoints" / "3" / "state")

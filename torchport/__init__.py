@@ -19,6 +19,7 @@ from torchport.layouts import (
 from torchport.rules import ConversionError, Rule, expected_torch_shapes, to_flax, to_torch
 from torchport.state_dict import (
     load_state_dict,
+    read_checkpoint,
     save_state_dict,
     source_name,
     strip_prefixes,
@@ -34,6 +35,7 @@ __all__ = [
     "linear_to_flax",
     "linear_to_torch",
     "load_state_dict",
+    "read_checkpoint",
     "save_state_dict",
     "source_name",
     "strip_prefixes",

@@ -31,7 +31,8 @@ def _is_array(value: Any) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
-def _read_file(path: str) -> Mapping[str, Any]:
+def read_checkpoint(path: str) -> Mapping[str, Any]:
+    """A checkpoint file's top-level mapping as saved (tensors, nested dicts, optimizer state)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
@@ -98,7 +99,7 @@ def load_state_dict(
     `_orig_mod.` prefixes are stripped.
     """
     name = source_name(source)
-    raw = _read_file(name) if isinstance(source, str | os.PathLike) else source
+    raw = read_checkpoint(name) if isinstance(source, str | os.PathLike) else source
     if not isinstance(raw, Mapping):
         raise ValueError(
             f"{name}: expected a mapping of names to tensors, got {type(raw).__name__}")

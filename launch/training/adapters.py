@@ -10,6 +10,7 @@ model.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,10 @@ from absl import logging
 
 from launch import images as image_grids
 from launch import sharding
+
+
+def abstract_like(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def forward_flops(fn, *abstract_args) -> float:
@@ -91,6 +96,33 @@ class LightningDiTAdapter:
     def inference_params(self, state):
         return state.ema_params
 
+    def init_from(self, path: str, state, shardings):
+        """Start from released / converted weights, or continue an upstream PyTorch run.
+
+        An orbax params directory (or a run's workdir) or an upstream `.pt` / `.safetensors`
+        sets params and EMA (fresh optimiser, step 0); an upstream *training* checkpoint
+        (`model`, `ema`, `opt`) also brings AdamW's moments and the step."""
+        from configs.lightningdit import architecture_kwargs
+        from dit_jax.convert import params_from_torch
+        from launch import params_io
+        from launch.training.torch_import import train_state_from_torch
+        from torchport import read_checkpoint
+
+        kwargs = architecture_kwargs(self.config)
+        if os.path.isdir(path):
+            params = params_io.restore_params(params_io.resolve_params_dir(path),
+                                              abstract_like(state.params), shardings.params)
+            return state.replace(params=params, ema_params=params)
+        raw = read_checkpoint(path)
+        if "opt" in raw:
+            logging.info("continuing the upstream training run %s (weights, EMA, AdamW)", path)
+            imported = train_state_from_torch(raw, model_kwargs=kwargs,
+                                              optimizer=self.optimizer,
+                                              optimizer_config=dict(self.config.optimizer))
+            return jax.device_put(imported, shardings)
+        params = jax.device_put(params_from_torch(raw, **kwargs), shardings.params)
+        return state.replace(params=params, ema_params=params)
+
     def flops_per_example(self, params) -> float:
         s, c = self.model.input_size, self.model.in_channels
         args = (jax.ShapeDtypeStruct((1, s, s, c), jnp.float32),
@@ -159,6 +191,48 @@ class VAVAEAdapter:
 
     def inference_params(self, state):
         return {k: v for k, v in state.params.items() if k != "linear_proj"}
+
+    def init_from(self, path: str, state, shardings):
+        """Weights of a previous stage, fresh optimisers, step 0 (upstream's `init_weight`).
+
+        A VA-VAE run's workdir (its latest state: autoencoder + discriminator), an orbax params
+        directory, or an upstream `.pt` / `.ckpt` (autoencoder, `linear_proj` and the
+        discriminator when present; missing parts keep their initialisation)."""
+        from launch import params_io
+        from torchport import load_state_dict
+        from vavae_jax.convert import params_from_torch
+        from vavae_jax.discriminator import variables_from_torch
+
+        ae = self.models.autoencoder
+        if os.path.isdir(os.path.join(path, "checkpoints")):
+            from launch.training.checkpointing import Checkpointer, abstract_with_shardings
+
+            previous = Checkpointer(path, async_save=False)
+            restored = previous.restore_latest(
+                abstract_with_shardings(abstract_like(state), shardings))
+            previous.close()
+            if restored is None:
+                raise FileNotFoundError(f"{path} holds no readable checkpoint")
+            prev = restored[1]
+            return state.replace(params=prev.params, disc_params=prev.disc_params,
+                                 disc_batch_stats=prev.disc_batch_stats)
+        if os.path.isdir(path):
+            loaded = params_io.restore_params(path, None)
+        else:
+            sd = load_state_dict(path, select=("state_dict",))
+            has_proj = any(k.startswith("linear_proj.") for k in sd)
+            loaded = params_from_torch(sd, model=ae,
+                                       keep_vf_proj=has_proj and ae.use_vf is not None)
+            if any(k.startswith("loss.discriminator.") for k in sd):
+                disc = variables_from_torch(sd, self.models.discriminator, source=path)
+                state = state.replace(
+                    disc_params=jax.device_put(disc["params"], shardings.disc_params),
+                    disc_batch_stats=jax.device_put(disc["batch_stats"],
+                                                    shardings.disc_batch_stats))
+        params = {**state.params, **{k: v for k, v in loaded.items() if k in state.params}}
+        logging.info("initialised %s from %s", sorted(k for k in loaded if k in state.params),
+                     path)
+        return state.replace(params=jax.device_put(params, shardings.params))
 
     def flops_per_example(self, params) -> float:
         s = self.image_size

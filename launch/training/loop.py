@@ -16,6 +16,7 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import linen as nn
@@ -58,14 +59,33 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def check_finite(history: list[tuple[int, dict]]) -> None:
-    """Raise at the first step whose metrics hold a NaN or Inf, naming the metric."""
+def check_finite(history: list[tuple[int, dict]], policy: str = "stop") -> None:
+    """'stop': raise at the first step whose metrics hold a NaN or Inf, naming the metric.
+    'skip': those steps' updates were dropped by `skip_nonfinite`; log them."""
     for step, metrics in history:
         for name, value in metrics.items():
-            if not np.isfinite(value):
-                raise NonFiniteError(f"{name} = {value} at step {step}: stopping (lower the "
-                                     "learning rate, enable QK-norm or gradient clipping, or "
-                                     "resume from an earlier checkpoint)")
+            if np.isfinite(value):
+                continue
+            if policy == "skip":
+                logging.warning("step %d: %s = %s, update skipped", step, name, value)
+                break
+            raise NonFiniteError(f"{name} = {value} at step {step}: stopping (lower the "
+                                 "learning rate, enable QK-norm or gradient clipping, set "
+                                 "config.nan_policy='skip', or resume from an earlier "
+                                 "checkpoint)")
+
+
+def skip_nonfinite(step_fn):
+    """Wrap a step: when its loss or gradient norm is not finite, keep the old state (only the
+    step counter advances) and report `skipped` = 1."""
+
+    def guarded(state, batch, rng, frozen):
+        new_state, metrics = step_fn(state, batch, rng, frozen)
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics.get("grad_norm", 0.0))
+        kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        return kept.replace(step=new_state.step), {**metrics, "skipped": 1.0 - ok}
+
+    return guarded
 
 
 def config_dict(config) -> dict:
@@ -97,10 +117,13 @@ def train(config, workdir: str) -> dict:
     else:
         start_step, data_state = 0, None
         state, _ = sharding.sharded_init(adapter.init_state, init_rng, mesh=mesh)
+        if config.get("init_from"):
+            state = adapter.init_from(config.init_from, state, state_shardings)
+            start_step = int(state.step)  # > 0 when continuing an upstream PyTorch run
     frozen = adapter.frozen(mesh)
 
     # -- data ----------------------------------------------------------------------------------
-    data = adapter.make_iterator(global_batch_size=batch_size, mesh=mesh)
+    data = adapter.make_iterator(global_batch_size=batch_size, mesh=mesh, start_step=start_step)
     if data_state is not None:
         data.set_state(data_state)
 
@@ -121,7 +144,10 @@ def train(config, workdir: str) -> dict:
                 batch = next(data)
                 if step_fn is None:
                     batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
-                    step_fn = jax.jit(adapter.step,
+                    one_step = adapter.step
+                    if config.get("nan_policy", "stop") == "skip":
+                        one_step = skip_nonfinite(one_step)
+                    step_fn = jax.jit(one_step,
                                       in_shardings=(state_shardings, batch_shardings,
                                                     replicated, replicated),
                                       out_shardings=(state_shardings, replicated),
@@ -136,7 +162,7 @@ def train(config, workdir: str) -> dict:
                 if step % config.log_every == 0 or step == config.total_steps:
                     fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()})
                                for s, m in history]
-                    check_finite(fetched)
+                    check_finite(fetched, config.get("nan_policy", "stop"))
                     mean = {k: float(np.mean([m[k] for _, m in fetched]))
                             for k in fetched[-1][1]}
                     last = logger.write(step, mean)

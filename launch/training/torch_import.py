@@ -29,7 +29,15 @@ from flax import traverse_util
 from dit_jax.convert import abstract_params, conversion_rules, params_from_torch, params_to_torch
 from dit_jax.model import LightningDiT
 from dit_jax.train_step import TrainState, make_optimizer
-from torchport import ConversionError, Rule, load_state_dict, source_name, to_flax, to_torch
+from torchport import (
+    ConversionError,
+    Rule,
+    load_state_dict,
+    read_checkpoint,
+    source_name,
+    to_flax,
+    to_torch,
+)
 
 # Upstream registers only the RoPE tables as buffers; every other state-dict entry is an
 # nn.Parameter. state_dict() lists a module's parameters, then its buffers, then its children,
@@ -71,12 +79,7 @@ def _check_hparams(torch_hp: Mapping[str, float], config: Mapping[str, Any], nam
 def _read(source: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
     if isinstance(source, Mapping):
         return source
-    path = os.fspath(source)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_checkpoint(os.fspath(source))
 
 
 def _adam_moments(opt_sd: Mapping[str, Any], rules: list[Rule], model_kwargs: Mapping[str, Any],
