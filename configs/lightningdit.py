@@ -5,7 +5,13 @@ Variants:
   xl1_64ep    LightningDiT-XL/1 on VA-VAE f16d32 latents, sampled like the FID 2.11 release
               (cfg 10.0, interval from t = 0.10, 3 guided channels, shift 0.3, Euler 250).
   xl1_800ep   same model, sampled like the FID 1.35 release (cfg 6.7, interval from 0.125).
-  b1          LightningDiT-B/1 with the released flags (upstream's small proxy model).
+  b1, l1      LightningDiT-B/1 and L/1 with the released flags and XL's recipe (as upstream).
+
+Train (rerun the same command to resume; --config.x=y overrides any field):
+  python -m launch.train --config configs/lightningdit.py:xl1_64ep --workdir runs/xl1 \
+      --config.data.path /data/latents/imagenet_train_256
+  python -m launch.train --config configs/lightningdit.py:tiny --workdir runs/dit_tiny
+  (tiny: extracts its latents from the procedural shapes on first use, trains on the CPU)
 
 Sample (the tiny demo needs no downloads):
   python -m launch.sample --config configs/lightningdit.py:tiny --workdir runs/demo
@@ -106,10 +112,14 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
     elif arg == "xl1_800ep":
         config.model = _model("LightningDiT-XL/1")
         config.sample.update(cfg_scale=6.7, cfg_interval_start=0.125)
+        config.total_steps = 1_000_000  # ~800 epochs at 1,251 steps each (upstream issue #23)
+        config.ckpt_every = 50_000
     elif arg == "b1":
         config.model = _model("LightningDiT-B/1")
+    elif arg == "l1":
+        config.model = _model("LightningDiT-L/1")
     else:
-        raise ValueError(f"unknown config variant {arg!r}: tiny, xl1_64ep, xl1_800ep, b1")
+        raise ValueError(f"unknown config variant {arg!r}: tiny, xl1_64ep, xl1_800ep, b1, l1")
     return config
 
 

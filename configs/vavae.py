@@ -9,6 +9,18 @@ Variants (upstream vavae/configs/*.yaml; 256 global batch = 32 GPUs x 8, Adam 1e
   long_stage3     stage 3 (= the released tokenizer): 15 epochs, margins 0.25 / 0.5.
   f16d32_ldm      the plain LDM KL-VAE baseline (no VF loss).
 
+Train (rerun the same command to resume; stages chain with --config.init_from=<previous run>):
+  python -m launch.train --config configs/vavae.py:long_stage1 --workdir runs/vavae_s1 \
+      --config.data.path /data/imagenet/train \
+      --config.foundation.checkpoint dinov2_vitl14_pretrain.pth \
+      --config.lpips.vgg16 vgg16-397923af.pth --config.lpips.heads vgg.pth
+  python -m launch.train --config configs/vavae.py:long_stage2 --workdir runs/vavae_s2 \
+      --config.init_from runs/vavae_s1 ...
+  python -m launch.train --config configs/vavae.py:tiny --workdir runs/vavae_tiny   # CPU
+Extract latents for LightningDiT:
+  python -m launch.extract_latents --config configs/vavae.py:long_stage3 \
+      --config.data.path /data/imagenet/train --workdir /data/latents --checkpoint runs/vavae_s3
+
 `disc_start` counts PyTorch Lightning global steps (two per iteration) as upstream does.
 Weights the frozen parts need (not downloaded at run time): DINOv2 ViT-L/14 (timm
 `vit_large_patch14_dinov2.lvd142m` or the official `dinov2_vitl14_pretrain.pth`), torchvision
