@@ -352,10 +352,13 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True,
-                 features_only: bool = False) -> jax.Array:
-        """features_only: return the input of `conv_out` (after norm_out + swish); the train
-        step applies `conv_out` itself to get gradients at that layer cheaply."""
+                 stage: str = "full") -> jax.Array:
+        """stage 'body': stop before `conv_out` (after norm_out + swish); 'head': apply only
+        `conv_out` to such features; 'full': both (see `AutoencoderKL.STAGES`)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        out_channels = 2 * self.z_channels if self.double_z else self.z_channels
+        if stage == "head":
+            return conv(out_channels, 3, x.shape[-1], name="conv_out", **kw)(x)
         shared = dict(dropout=self.dropout, remat=self.remat, **kw)
         levels = encoder_levels(
             self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions, self.resolution
@@ -372,9 +375,8 @@ class Encoder(nn.Module):
             )(h, deterministic)
         h = MidBlock(**shared, name="mid")(h, deterministic)
         h = swish(group_norm(name="norm_out", **kw)(h))
-        if features_only and not self.is_initializing():
+        if stage == "body" and not self.is_initializing():
             return h
-        out_channels = 2 * self.z_channels if self.double_z else self.z_channels
         return conv(out_channels, 3, h.shape[-1], name="conv_out", **kw)(h)
 
 
@@ -395,9 +397,11 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, z: jax.Array, deterministic: bool = True,
-                 features_only: bool = False) -> jax.Array:
-        """features_only: return the input of `conv_out` (see `Encoder`)."""
+                 stage: str = "full") -> jax.Array:
+        """stage 'body' / 'head' / 'full': as in `Encoder`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if stage == "head":
+            return conv(self.out_ch, 3, z.shape[-1], name="conv_out", **kw)(z)
         shared = dict(dropout=self.dropout, remat=self.remat, **kw)
         levels = decoder_levels(
             self.ch, self.ch_mult, self.num_res_blocks, self.attn_resolutions, self.resolution
@@ -414,7 +418,7 @@ class Decoder(nn.Module):
                 name=f"up_{lv.index}",
             )(h, deterministic)
         h = swish(group_norm(name="norm_out", **kw)(h))
-        if features_only and not self.is_initializing():
+        if stage == "body" and not self.is_initializing():
             return h
         return conv(self.out_ch, 3, h.shape[-1], name="conv_out", **kw)(h)
 
@@ -504,6 +508,70 @@ class AutoencoderKL(nn.Module):
         """Latents (B, h, w, embed_dim) -> images (B, h*f, w*f, out_ch), float32."""
         h = self.decoder(self.post_quant_conv(z), deterministic)
         return h.astype(jnp.float32)
+
+    # -- stages, for training steps that need gradients at the last convolutions ---------------
+    # x -encoder_body-> h -encoder_head-> moments ~> z -decoder_body-> h' -decoder_head-> x_rec.
+    # Each stage reads only its own part of the params (`split_stage_params`), so a step can
+    # take a vjp per stage and pull cotangents back only as far as it needs.
+
+    STAGES = ("encoder_body", "encoder_head", "decoder_body", "decoder_head", "vf_head")
+
+    def encoder_body(self, x: jax.Array) -> jax.Array:
+        """Images -> the input of the encoder's last conv (B, h, w, C)."""
+        return self.encoder(x, stage="body")
+
+    def encoder_head(self, h: jax.Array) -> jax.Array:
+        """Encoder features -> posterior moments (B, h, w, 2 embed_dim), float32."""
+        return self.quant_conv(self.encoder(h, stage="head")).astype(jnp.float32)
+
+    def decoder_body(self, z: jax.Array) -> jax.Array:
+        """Latents -> the input of the decoder's last conv (B, H, W, ch)."""
+        return self.decoder(self.post_quant_conv(z), stage="body")
+
+    def decoder_head(self, h: jax.Array) -> jax.Array:
+        """Decoder features -> images, float32."""
+        return self.decoder(h, stage="head").astype(jnp.float32)
+
+    def vf_head(self, z: jax.Array) -> jax.Array:
+        return self.project_vf(z)
+
+    @staticmethod
+    def split_stage_params(params) -> dict:
+        """Params -> {stage: the params that stage reads} (inverse: `merge_stage_params`)."""
+        encoder = {k: v for k, v in params["encoder"].items() if k != "conv_out"}
+        decoder = {k: v for k, v in params["decoder"].items() if k != "conv_out"}
+        stages = {
+            "encoder_body": {"encoder": encoder},
+            "encoder_head": {"encoder": {"conv_out": params["encoder"]["conv_out"]},
+                             "quant_conv": params["quant_conv"]},
+            "decoder_body": {"post_quant_conv": params["post_quant_conv"], "decoder": decoder},
+            "decoder_head": {"decoder": {"conv_out": params["decoder"]["conv_out"]}},
+        }
+        if "linear_proj" in params:
+            stages["vf_head"] = {"linear_proj": params["linear_proj"]}
+        return stages
+
+    @staticmethod
+    def merge_stage_params(stages: dict) -> dict:
+        """Stage trees (e.g. their gradients) -> one params-shaped tree."""
+        merged = {
+            "encoder": {**stages["encoder_body"]["encoder"],
+                        **stages["encoder_head"]["encoder"]},
+            "quant_conv": stages["encoder_head"]["quant_conv"],
+            "post_quant_conv": stages["decoder_body"]["post_quant_conv"],
+            "decoder": {**stages["decoder_body"]["decoder"],
+                        **stages["decoder_head"]["decoder"]},
+        }
+        if "vf_head" in stages:
+            merged["linear_proj"] = stages["vf_head"]["linear_proj"]
+        return merged
+
+    @staticmethod
+    def last_conv_kernel(head_params) -> jax.Array:
+        """The kernel of an `encoder_head` / `decoder_head` stage tree's last conv (the layer
+        upstream's adaptive weights take gradient norms at)."""
+        part = head_params["encoder"] if "encoder" in head_params else head_params["decoder"]
+        return part["conv_out"]["kernel"]
 
     def project_vf(self, z: jax.Array) -> jax.Array:
         """`linear_proj`: latents (B, h, w, embed_dim) -> (B, h, w, vf_dim), for the VF loss."""

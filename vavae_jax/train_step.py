@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vavae_jax.autoencoder import AutoencoderKL, conv
+from vavae_jax.autoencoder import AutoencoderKL
 from vavae_jax.dinov2 import DinoV2, foundation_features
 from vavae_jax.discriminator import NLayerDiscriminator
 from vavae_jax.distributions import DiagonalGaussian
@@ -97,39 +97,9 @@ def make_optimizers(lr: float = 1e-4, b1: float = 0.5, b2: float = 0.9, *,
     return ae, optax.adam(lr, b1=b1, b2=b2)
 
 
-# ----------------------------------------------------------------------------------------------
-# Stages of the autoencoder as functions of their own parameters
-# ----------------------------------------------------------------------------------------------
-
-
-def _last_conv(ae: AutoencoderKL, features: int, in_features: int):
-    return conv(features, 3, in_features, name=None, dtype=ae.dtype, param_dtype=ae.param_dtype)
-
-
-def _encoder_body(ae, p_encoder, x):
-    """x (B, H, W, 3) -> input of encoder.conv_out (B, h, w, C)."""
-    return ae.apply({"params": {"encoder": p_encoder}}, x,
-                    method=lambda m, x: m.encoder(x, features_only=True))
-
-
-def _encoder_head(ae, p_conv_out, p_quant, h):
-    """encoder.conv_out then quant_conv: (B, h, w, C) -> moments (B, h, w, 2 embed_dim)."""
-    out = 2 * ae.z_channels if ae.double_z else ae.z_channels
-    moments = _last_conv(ae, out, h.shape[-1]).apply({"params": p_conv_out}, h)
-    moments = ae.apply({"params": {"quant_conv": p_quant}}, moments,
-                       method=lambda m, v: m.quant_conv(v))
-    return moments.astype(jnp.float32)
-
-
-def _decoder_body(ae, p_post_quant, p_decoder, z):
-    """z (B, h, w, embed_dim) -> input of decoder.conv_out (B, H, W, ch)."""
-    return ae.apply({"params": {"post_quant_conv": p_post_quant, "decoder": p_decoder}}, z,
-                    method=lambda m, z: m.decoder(m.post_quant_conv(z), features_only=True))
-
-
-def _decoder_head(ae, p_conv_out, h):
-    return _last_conv(ae, ae.out_ch, h.shape[-1]).apply({"params": p_conv_out}, h).astype(
-        jnp.float32)
+def _stage(ae: AutoencoderKL, name: str):
+    """`ae`'s stage `name` as a function of (its params, input) (see AutoencoderKL.STAGES)."""
+    return lambda p, v: ae.apply({"params": p}, v, method=getattr(AutoencoderKL, name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,19 +129,18 @@ def generator_grads(params, disc_params, disc_batch_stats, frozen: dict, x: jax.
     batch = x.shape[0]
 
     # ---- forward, stage by stage, keeping each stage's pullback ----
-    h_enc, enc_body_vjp = jax.vjp(lambda p: _encoder_body(ae, p, x), params["encoder"])
-    moments, enc_head_vjp = jax.vjp(lambda pc, pq, h: _encoder_head(ae, pc, pq, h),
-                                    params["encoder"]["conv_out"], params["quant_conv"], h_enc)
+    stages = ae.split_stage_params(params)
+    h_enc, enc_body_vjp = jax.vjp(lambda p: _stage(ae, "encoder_body")(p, x),
+                                  stages["encoder_body"])
+    moments, enc_head_vjp = jax.vjp(_stage(ae, "encoder_head"), stages["encoder_head"], h_enc)
 
     def sample(m):
         posterior = DiagonalGaussian.from_moments(m)
         return posterior.sample_with_eps(eps), posterior.kl()
 
     (z, kl), sample_vjp = jax.vjp(sample, moments)
-    h_dec, dec_body_vjp = jax.vjp(lambda pq, pd, z: _decoder_body(ae, pq, pd, z),
-                                  params["post_quant_conv"], params["decoder"], z)
-    x_rec, dec_head_vjp = jax.vjp(lambda pc, h: _decoder_head(ae, pc, h),
-                                  params["decoder"]["conv_out"], h_dec)
+    h_dec, dec_body_vjp = jax.vjp(_stage(ae, "decoder_body"), stages["decoder_body"], z)
+    x_rec, dec_head_vjp = jax.vjp(_stage(ae, "decoder_head"), stages["decoder_head"], h_dec)
 
     def nll_head(xr):
         perceptual = None
@@ -195,7 +164,8 @@ def generator_grads(params, disc_params, disc_batch_stats, frozen: dict, x: jax.
     gw_nll, gh_nll = dec_head_vjp(ct_x_nll)
     gw_g, gh_g = dec_head_vjp(ct_x_g)
     if loss.disc_factor > 0:
-        d_weight = adaptive_weight(gw_nll["kernel"], gw_g["kernel"], max_value=1e4)
+        d_weight = adaptive_weight(ae.last_conv_kernel(gw_nll), ae.last_conv_kernel(gw_g),
+                                   max_value=1e4)
         d_weight = d_weight * loss.disc_weight
     else:
         d_weight = jnp.zeros((), jnp.float32)
@@ -213,42 +183,38 @@ def generator_grads(params, disc_params, disc_batch_stats, frozen: dict, x: jax.
                                 imagenet_norm=models.imagenet_norm)
 
         def vf_head(p_proj, z):
-            z_proj = ae.apply({"params": {"linear_proj": p_proj}}, z,
-                              method=lambda m, z: m.project_vf(z))
+            z_proj = _stage(ae, "vf_head")(p_proj, z)
             return vf_loss(z_proj, f, margin_cos=loss.cos_margin, margin_dms=loss.distmat_margin,
                            distmat_weight=loss.distmat_weight, cos_weight=loss.cos_weight)
 
-        vf_value, vf_vjp = jax.vjp(vf_head, params["linear_proj"], z)
+        vf_value, vf_vjp = jax.vjp(vf_head, stages["vf_head"], z)
         grad_proj, ct_z_vf = vf_vjp(jnp.ones_like(vf_value))
         if loss.adaptive_vf:
             # d nll / dz needs the decoder backward (activation gradients only).
-            ct_z_nll = dec_body_vjp(gh_nll)[2]
+            ct_z_nll = dec_body_vjp(gh_nll)[1]
             zeros_kl = jnp.zeros_like(kl)
-            gw_enc_nll = enc_head_vjp(sample_vjp((ct_z_nll, zeros_kl))[0])[0]["kernel"]
-            gw_enc_vf = enc_head_vjp(sample_vjp((ct_z_vf, zeros_kl))[0])[0]["kernel"]
+            gw_enc_nll = ae.last_conv_kernel(enc_head_vjp(sample_vjp((ct_z_nll, zeros_kl))[0])[0])
+            gw_enc_vf = ae.last_conv_kernel(enc_head_vjp(sample_vjp((ct_z_vf, zeros_kl))[0])[0])
             vf_weight = adaptive_weight(gw_enc_nll, gw_enc_vf, max_value=1e8) * loss.vf_weight
         else:
             vf_weight = jnp.asarray(loss.vf_weight, jnp.float32)
 
     # ---- total gradient: one backward through every stage ----
-    g_post_quant, g_decoder, ct_z = dec_body_vjp(gh_nll + w_gan * gh_g)
+    g_dec_body, ct_z = dec_body_vjp(gh_nll + w_gan * gh_g)
     ct_z = ct_z + vf_weight * ct_z_vf
     ct_kl = jnp.full_like(kl, loss.kl_weight / batch)  # kl_loss = sum(kl) / B
     (ct_moments,) = sample_vjp((ct_z, ct_kl))
-    g_enc_conv_out, g_quant, ct_h_enc = enc_head_vjp(ct_moments)
-    (g_encoder,) = enc_body_vjp(ct_h_enc)
+    g_enc_head, ct_h_enc = enc_head_vjp(ct_moments)
+    (g_enc_body,) = enc_body_vjp(ct_h_enc)
 
-    grads = {
-        # the body stages see conv_out but do not use it: their gradient there is zero
-        "encoder": {**g_encoder, "conv_out": g_enc_conv_out},
-        "quant_conv": g_quant,
-        "post_quant_conv": g_post_quant,
-        "decoder": {**g_decoder,
-                    "conv_out": jax.tree.map(lambda a, b: a + w_gan * b, gw_nll, gw_g)},
+    stage_grads = {
+        "encoder_body": g_enc_body, "encoder_head": g_enc_head, "decoder_body": g_dec_body,
+        "decoder_head": jax.tree.map(lambda a, b: a + w_gan * b, gw_nll, gw_g),
     }
-    if "linear_proj" in params:
-        grads["linear_proj"] = (jax.tree.map(lambda g: vf_weight * g, grad_proj) if use_vf
-                                else jax.tree.map(jnp.zeros_like, params["linear_proj"]))
+    if "vf_head" in stages:
+        stage_grads["vf_head"] = (jax.tree.map(lambda g: vf_weight * g, grad_proj) if use_vf
+                                  else jax.tree.map(jnp.zeros_like, stages["vf_head"]))
+    grads = ae.merge_stage_params(stage_grads)
 
     kl_value = kl_loss(kl)
     total = nll + loss.kl_weight * kl_value + w_gan * g_loss + vf_weight * vf_value
