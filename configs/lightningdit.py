@@ -68,6 +68,9 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
     # Channel-wise latent statistics (upstream latents_stats.pt) for de-normalising samples;
     # empty = leave the sampled latents normalised.
     config.latent_stats = ""
+    # the VA-VAE that decodes training sample grids (configs/vavae.py variant + its weights);
+    # empty: grids show the first three latent channels
+    config.tokenizer = ml_collections.ConfigDict({"variant": "", "checkpoint": ""})
     # dcn_data > 1 splits the data axis over slices / nodes (data-center network)
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1})
     config.num_devices = 0  # train on the first n devices (0: all)
@@ -107,6 +110,7 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
         # weights unless data.prepare_checkpoint names a trained VA-VAE)
         config.data.update(path="runs/data/shapes32_latents", worker_count=0, prepare="tiny",
                            prepare_checkpoint="")
+        config.tokenizer.variant = "tiny"  # the VA-VAE that made the latents
     elif arg == "xl1_64ep":
         config.model = _model("LightningDiT-XL/1")
     elif arg == "xl1_800ep":

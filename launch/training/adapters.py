@@ -132,7 +132,8 @@ class LightningDiTAdapter:
         return 3.0 * fwd  # forward + backward (twice the forward)
 
     def visualise(self, state, batch, rng) -> np.ndarray:
-        """First latent channels of EMA samples (16 Euler steps, classes 0, 1, ...)."""
+        """EMA samples (16 Euler steps, classes 0, 1, ...): decoded to images when
+        `config.tokenizer` names a VA-VAE, else their first three latent channels."""
         from dit_jax.samplers import sample_latents
 
         m = self.model
@@ -141,9 +142,34 @@ class LightningDiTAdapter:
         labels = jnp.arange(n) % m.num_classes
         sample = functools.partial(sample_latents, m, method="euler", num_steps=16,
                                    timestep_shift=0.0, cfg_scale=1.0)
-        latents = jax.jit(sample)(state.ema_params, noise, labels, rng)
-        preview = image_grids.latent_preview(np.asarray(latents))
-        return image_grids.make_grid(preview, upscale=max(1, 64 // m.input_size))
+        latents = np.asarray(jax.jit(sample)(state.ema_params, noise, labels, rng))
+        decode = self._tokenizer()
+        if decode is None:
+            preview = image_grids.latent_preview(latents)
+            return image_grids.make_grid(preview, upscale=max(1, 64 // m.input_size))
+        images = image_grids.to_uint8(decode(latents))
+        return image_grids.make_grid(images, upscale=max(1, 64 // images.shape[1]))
+
+    @functools.cache  # noqa: B019 (one tokenizer per adapter)
+    def _tokenizer(self):
+        """Normalised latents -> images in [-1, 1], or None without `config.tokenizer`."""
+        tokenizer = self.config.get("tokenizer")
+        if not tokenizer or not tokenizer.variant:
+            return None
+        from configs.vavae import autoencoder, get_config
+        from launch.data.extraction import load_autoencoder_params
+        from launch.data.latents import LatentShardSource, load_or_compute_stats
+
+        vavae_config = get_config(tokenizer.variant)
+        vae = autoencoder(vavae_config)
+        one_device = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
+        params = load_autoencoder_params(vavae_config, vae, tokenizer.checkpoint or None,
+                                         one_device)
+        data = self.config.data
+        mean, std = (load_or_compute_stats(LatentShardSource(data.path)) if data.latent_norm
+                     else (0.0, 1.0))
+        decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))
+        return lambda x: np.asarray(decode(params, x * std / data.latent_multiplier + mean))
 
 
 class VAVAEAdapter:

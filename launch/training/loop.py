@@ -139,50 +139,50 @@ def train(config, workdir: str) -> dict:
     last = {}
     step = start_step
     try:
-        with sharding.mesh_context(mesh):
-            while step < config.total_steps:
-                batch = next(data)
-                if step_fn is None:
-                    batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
-                    one_step = adapter.step
-                    if config.get("nan_policy", "stop") == "skip":
-                        one_step = skip_nonfinite(one_step)
-                    step_fn = jax.jit(one_step,
-                                      in_shardings=(state_shardings, batch_shardings,
-                                                    replicated, replicated),
-                                      out_shardings=(state_shardings, replicated),
-                                      donate_argnums=0)
+        while step < config.total_steps:
+            batch = next(data)
+            if step_fn is None:
+                batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+                one_step = adapter.step
+                if config.get("nan_policy", "stop") == "skip":
+                    one_step = skip_nonfinite(one_step)
+                step_fn = jax.jit(one_step,
+                                  in_shardings=(state_shardings, batch_shardings,
+                                                replicated, replicated),
+                                  out_shardings=(state_shardings, replicated),
+                                  donate_argnums=0)
+            with sharding.mesh_context(mesh):  # the models' logical axis constraints
                 state, metrics = step_fn(state, batch, step_rng, frozen)
-                step += 1
-                history.append((step, metrics))
-                if step == start_step + 1:
-                    logger.start(step)  # throughput excludes compilation
+            step += 1
+            history.append((step, metrics))
+            if step == start_step + 1:
+                logger.start(step)  # throughput excludes compilation
 
-                # -- metrics, grids --------------------------------------------------------
-                if step % config.log_every == 0 or step == config.total_steps:
-                    fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()})
-                               for s, m in history]
-                    check_finite(fetched, config.get("nan_policy", "stop"))
-                    mean = {k: float(np.mean([m[k] for _, m in fetched]))
-                            for k in fetched[-1][1]}
-                    last = logger.write(step, mean)
-                    history = []
-                if config.get("sample_every") and step % config.sample_every == 0:
-                    grid = adapter.visualise(state, batch, jax.random.fold_in(step_rng, step))
-                    logger.write_grid(step, "samples", grid)
+            # -- metrics, grids ------------------------------------------------------------
+            if step % config.log_every == 0 or step == config.total_steps:
+                fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()})
+                           for s, m in history]
+                check_finite(fetched, config.get("nan_policy", "stop"))
+                mean = {k: float(np.mean([m[k] for _, m in fetched]))
+                        for k in fetched[-1][1]}
+                last = logger.write(step, mean)
+                history = []
+            if config.get("sample_every") and step % config.sample_every == 0:
+                grid = adapter.visualise(state, batch, jax.random.fold_in(step_rng, step))
+                logger.write_grid(step, "samples", grid)
 
-                # -- checkpoints, preemption -----------------------------------------------
-                preempted = stop.agreed() or checkpointer.reached_preemption(step)
-                if (step % config.ckpt_every == 0 or step == config.total_steps
-                        or preempted):
-                    checkpointer.save(step, state=state,
-                                      params=adapter.inference_params(state),
-                                      data_state=data.get_state(), config=config_dict(config),
-                                      force=preempted)
-                if preempted:
-                    logging.warning("stopped at step %d after a signal; rerun the same "
-                                    "command to continue", step)
-                    break
+            # -- checkpoints, preemption ---------------------------------------------------
+            preempted = stop.agreed() or checkpointer.reached_preemption(step)
+            if (step % config.ckpt_every == 0 or step == config.total_steps
+                    or preempted):
+                checkpointer.save(step, state=state,
+                                  params=adapter.inference_params(state),
+                                  data_state=data.get_state(), config=config_dict(config),
+                                  force=preempted)
+            if preempted:
+                logging.warning("stopped at step %d after a signal; rerun the same "
+                                "command to continue", step)
+                break
     finally:
         stop.restore()
         checkpointer.close()  # waits for the last asynchronous save
