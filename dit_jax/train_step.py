@@ -55,23 +55,74 @@ def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation, 
 
 
 def loss_fn(params, model: nn.Module, x1, y, x0, t, *, train: bool = False,
-            dropout_rng: jax.Array | None = None, use_cosine_loss: bool = True):
-    """Flow-matching loss with given noise x0 (B, H, W, C) and times t (B,)."""
-    rngs = {"label_dropout": dropout_rng} if train else None
-    velocity = lambda xt, tt: model.apply({"params": params}, xt, tt, y, train=train, rngs=rngs)
+            dropout_rng: jax.Array | None = None, drop_ids: jax.Array | None = None,
+            use_cosine_loss: bool = True):
+    """Flow-matching loss with given noise x0 (B, H, W, C) and times t (B,).
+
+    Label dropout (train=True) is drawn inside the model from `dropout_rng`, or given as
+    explicit (B,) 0/1 `drop_ids` (see `label_drop_ids`)."""
+    rngs = {"label_dropout": dropout_rng} if train and dropout_rng is not None else None
+    velocity = lambda xt, tt: model.apply({"params": params}, xt, tt, y, train=train, rngs=rngs,
+                                          force_drop_ids=drop_ids)
     return flow_matching_loss(velocity, x1, x0, t, use_cosine_loss=use_cosine_loss)
+
+
+def label_drop_ids(model: nn.Module, y: jax.Array, dropout_rng: jax.Array) -> jax.Array:
+    """The (B,) 0/1 label-dropout decisions that ``model.apply(..., train=True,
+    rngs={'label_dropout': dropout_rng})`` draws inside its `LabelEmbedder`.
+
+    Same scope-derived key and same draw as `LabelEmbedder.__call__`, so the whole batch's
+    decisions can be drawn once and sliced into micro-batches."""
+    def draw(module, labels):
+        embedder = module.y_embedder
+        u = jax.random.uniform(embedder.make_rng("label_dropout"), labels.shape)
+        return (u < embedder.dropout_prob).astype(jnp.int32)
+
+    return model.apply({}, y, method=draw, rngs={"label_dropout": dropout_rng})
+
+
+def _accumulate_grads(grad_fn, params, inputs: dict[str, jax.Array], accum_steps: int):
+    """Mean gradients and loss terms over `accum_steps` equal micro-batches, one at a time.
+
+    Micro-batch i holds samples i, i + k, i + 2k, ...: with the batch split over devices in
+    contiguous blocks, every device keeps its own samples in every micro-batch."""
+    def split(a):
+        a = a.reshape((a.shape[0] // accum_steps, accum_steps) + a.shape[1:])
+        return jnp.swapaxes(a, 0, 1)
+
+    def body(acc, micro):
+        (_, terms), grads = grad_fn(params, **micro)
+        return jax.tree.map(jnp.add, acc, (grads, terms)), None
+
+    # Sum in float32 whatever the parameter dtype, then average once.
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zero_terms = {name: jnp.zeros((), jnp.float32) for name in ("loss", "mse", "cos")}
+    (grad_sum, term_sum), _ = jax.lax.scan(body, (zeros, zero_terms),
+                                           jax.tree.map(split, inputs))
+    grads = jax.tree.map(lambda g, p: (g / accum_steps).astype(p.dtype), grad_sum, params)
+    terms = jax.tree.map(lambda v: v / accum_steps, term_sum)
+    return grads, terms
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, optimizer: optax.GradientTransformation,
                ema_decay: float = 0.9999, time_dist: str = "logit_normal",
-               use_cosine_loss: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
+               use_cosine_loss: bool = True,
+               accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on ``batch = {'latents': (B, H, W, C), 'labels': (B,)}``.
 
     Randomness (noise, t, label dropout) is derived from `rng` folded with the step, so a
     restarted run replays the same stream. Returns the new state and scalar metrics.
+
+    ``accum_steps = k > 1`` averages the gradients of k micro-batches of B / k (computed one
+    after another, so only one micro-batch's activations are live) before the single optimiser
+    and EMA update. Noise, t and label dropout are drawn for the whole batch exactly as for
+    k = 1 and then split, so the result equals the k = 1 step up to float summation order.
     """
     x1, y = batch["latents"], batch["labels"]
+    if accum_steps < 1 or x1.shape[0] % accum_steps:
+        raise ValueError(f"accum_steps={accum_steps} must be >= 1 and divide the batch size "
+                         f"{x1.shape[0]}")
     key_noise, key_t, key_drop = jax.random.split(jax.random.fold_in(rng, state.step), 3)
     x0 = jax.random.normal(key_noise, x1.shape, x1.dtype)
     t = sample_time(key_t, x1.shape[0], kind=time_dist)
@@ -80,7 +131,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
         functools.partial(loss_fn, model=model, train=True, use_cosine_loss=use_cosine_loss),
         has_aux=True,
     )
-    (_, terms), grads = grad_fn(state.params, x1=x1, y=y, x0=x0, t=t, dropout_rng=key_drop)
+    if accum_steps == 1:
+        (_, terms), grads = grad_fn(state.params, x1=x1, y=y, x0=x0, t=t, dropout_rng=key_drop)
+    else:
+        inputs = {"x1": x1, "y": y, "x0": x0, "t": t,
+                  "drop_ids": label_drop_ids(model, y, key_drop)}
+        grads, terms = _accumulate_grads(grad_fn, state.params, inputs, accum_steps)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
