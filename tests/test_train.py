@@ -230,3 +230,13 @@ def test_two_processes_train_like_one_process_with_two_devices(latents, tmp_path
     np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)],
                                rtol=1e-5)
     assert os.path.isdir(tmp_path / "two" / "checkpoints" / "3" / "state")
+
+
+def test_gradient_accumulation_through_the_loop(latents, uninterrupted, tmp_path):
+    straight, _ = uninterrupted
+    summary = train(config(latents, total_steps=3, **{"train.grad_accum_steps": 2}),
+                    str(tmp_path))
+    assert summary["compilations"] == 1
+    got, want = losses(tmp_path), losses(straight)
+    np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [want[s] for s in (1, 2, 3)],
+                               rtol=1e-5)

@@ -59,7 +59,8 @@ class LightningDiTAdapter:
         return train_step(state, batch, rng, model=self.model, optimizer=self.optimizer,
                           ema_decay=self.config.train.ema_decay,
                           time_dist=self.config.transport.time_dist,
-                          use_cosine_loss=self.config.transport.use_cosine_loss)
+                          use_cosine_loss=self.config.transport.use_cosine_loss,
+                          accum_steps=self.config.train.get("grad_accum_steps", 1))
 
     def frozen(self, mesh):
         del mesh
@@ -181,6 +182,10 @@ class VAVAEAdapter:
         from configs.vavae import build_models
 
         self.config = config
+        if config.train.get("grad_accum_steps", 1) != 1:
+            raise ValueError("train.grad_accum_steps: the VA-VAE's adaptive loss weights are "
+                             "gradient norms of the whole batch, so micro-batches would change "
+                             "the objective; use 1 (a smaller global batch, or more devices)")
         self.models, self.loss, (self.ae_opt, self.disc_opt) = build_models(config)
         self.image_size = config.data.image_size
 
