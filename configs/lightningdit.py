@@ -56,11 +56,15 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
     config.max_to_keep = 3
     config.keep_period = 0  # keep every k-th checkpoint besides the last max_to_keep (0: none)
 
+    # uniform_time_after > 0: uniform t from that step on (0: never)
     config.transport = ml_collections.ConfigDict(
-        {"time_dist": "logit_normal", "use_cosine_loss": True})
+        {"time_dist": "logit_normal", "use_cosine_loss": True, "uniform_time_after": 0})
+    # upstream: constant lr, no warmup, no clipping (max_grad_norm 0 = off); decay 'cosine' /
+    # 'linear' reaches final_lr_fraction * lr at decay_steps (0: total_steps)
     config.optimizer = ml_collections.ConfigDict({
         "lr": 2e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0,
-        "max_grad_norm": 0.0, "warmup_steps": 0})
+        "max_grad_norm": 0.0, "warmup_steps": 0, "decay": "constant", "decay_steps": 0,
+        "final_lr_fraction": 0.0})
     # grad_accum_steps k: each step sums the gradients of k micro-batches of the global batch
     # (same loss and randomness as one big batch; k times less activation memory)
     config.train = ml_collections.ConfigDict(
@@ -120,6 +124,7 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
         config.model = _model("LightningDiT-XL/1")
         config.sample.update(cfg_scale=6.7, cfg_interval_start=0.125)
         config.total_steps = 1_000_000  # ~800 epochs at 1,251 steps each (upstream issue #23)
+        config.transport.uniform_time_after = 600_000  # logit-normal off at 600k (issue #23)
         config.ckpt_every = 50_000
     elif arg == "b1":
         config.model = _model("LightningDiT-B/1")

@@ -28,12 +28,35 @@ class TrainState:
     opt_state: Any
 
 
+def lr_schedule(lr: float, warmup_steps: int = 0, decay: str = "constant",
+                decay_steps: int = 0, final_lr_fraction: float = 0.0):
+    """Linear warmup from 0 (none if 0), then constant (upstream), 'cosine' or 'linear' decay
+    to `final_lr_fraction` * lr at step `decay_steps` (counted from the start)."""
+    if decay == "constant":
+        after = optax.constant_schedule(lr)
+    elif decay in ("cosine", "linear"):
+        if decay_steps <= warmup_steps:
+            raise ValueError(f"decay_steps={decay_steps} must exceed warmup_steps="
+                             f"{warmup_steps} for a {decay} decay")
+        n = decay_steps - warmup_steps
+        after = (optax.cosine_decay_schedule(lr, n, alpha=final_lr_fraction) if decay == "cosine"
+                 else optax.linear_schedule(lr, final_lr_fraction * lr, n))
+    else:
+        raise ValueError(f"unknown lr decay {decay!r}: constant, cosine, linear")
+    if warmup_steps <= 0:
+        return lr if decay == "constant" else after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after],
+                                [warmup_steps])
+
+
 def make_optimizer(lr: float = 2e-4, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
                    weight_decay: float = 0.0, max_grad_norm: float | None = None,
-                   warmup_steps: int = 0) -> optax.GradientTransformation:
+                   warmup_steps: int = 0, decay: str = "constant", decay_steps: int = 0,
+                   final_lr_fraction: float = 0.0) -> optax.GradientTransformation:
     """torch.optim.AdamW semantics (decoupled weight decay scaled by lr), optional global-norm
-    clipping (upstream's ``max_grad_norm``) and linear warmup (0 = constant lr, as upstream)."""
-    schedule = (optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else lr)
+    clipping (upstream's ``max_grad_norm``), linear warmup and decay (`lr_schedule`; the
+    defaults are upstream's constant lr)."""
+    schedule = lr_schedule(lr, warmup_steps, decay, decay_steps, final_lr_fraction)
     adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     if max_grad_norm:
         return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
@@ -107,8 +130,8 @@ def _accumulate_grads(grad_fn, params, inputs: dict[str, jax.Array], accum_steps
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, optimizer: optax.GradientTransformation,
                ema_decay: float = 0.9999, time_dist: str = "logit_normal",
-               use_cosine_loss: bool = True,
-               accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+               use_cosine_loss: bool = True, accum_steps: int = 1,
+               uniform_time_after: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on ``batch = {'latents': (B, H, W, C), 'labels': (B,)}``.
 
     Randomness (noise, t, label dropout) is derived from `rng` folded with the step, so a
@@ -118,6 +141,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     after another, so only one micro-batch's activations are live) before the single optimiser
     and EMA update. Noise, t and label dropout are drawn for the whole batch exactly as for
     k = 1 and then split, so the result equals the k = 1 step up to float summation order.
+
+    ``uniform_time_after = n > 0`` switches t to the uniform distribution from step n on (the
+    released 800-epoch model turned logit-normal sampling off at 600k steps).
     """
     x1, y = batch["latents"], batch["labels"]
     if accum_steps < 1 or x1.shape[0] % accum_steps:
@@ -126,6 +152,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     key_noise, key_t, key_drop = jax.random.split(jax.random.fold_in(rng, state.step), 3)
     x0 = jax.random.normal(key_noise, x1.shape, x1.dtype)
     t = sample_time(key_t, x1.shape[0], kind=time_dist)
+    if uniform_time_after > 0:
+        uniform = sample_time(key_t, x1.shape[0], kind="uniform")
+        t = jnp.where(state.step >= uniform_time_after, uniform, t)
 
     grad_fn = jax.value_and_grad(
         functools.partial(loss_fn, model=model, train=True, use_cosine_loss=use_cosine_loss),

@@ -44,8 +44,10 @@ class LightningDiTAdapter:
         self.config = config
         self.model = LightningDiT(**model_kwargs(config))
         opt = config.optimizer
-        self.optimizer = make_optimizer(opt.lr, opt.b1, opt.b2, opt.eps, opt.weight_decay,
-                                        opt.max_grad_norm or None, opt.warmup_steps)
+        self.optimizer = make_optimizer(
+            opt.lr, opt.b1, opt.b2, opt.eps, opt.weight_decay, opt.max_grad_norm or None,
+            opt.warmup_steps, opt.decay, opt.get("decay_steps") or config.total_steps,
+            opt.final_lr_fraction)
 
     def init_state(self, rng):
         from dit_jax.train_step import init_train_state
@@ -60,7 +62,8 @@ class LightningDiTAdapter:
                           ema_decay=self.config.train.ema_decay,
                           time_dist=self.config.transport.time_dist,
                           use_cosine_loss=self.config.transport.use_cosine_loss,
-                          accum_steps=self.config.train.get("grad_accum_steps", 1))
+                          accum_steps=self.config.train.get("grad_accum_steps", 1),
+                          uniform_time_after=self.config.transport.get("uniform_time_after", 0))
 
     def frozen(self, mesh):
         del mesh
