@@ -240,3 +240,23 @@ def test_gradient_accumulation_through_the_loop(latents, uninterrupted, tmp_path
     got, want = losses(tmp_path), losses(straight)
     np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [want[s] for s in (1, 2, 3)],
                                rtol=1e-5)
+
+
+def test_vavae_step_traces_in_bfloat16():
+    """bf16 compute: the stage-wise vjps get cotangents of their outputs' dtype."""
+    from flax import linen as nn
+
+    from configs.vavae import get_config as vavae_config
+    from launch.training.adapters import VAVAEAdapter
+
+    c = vavae_config("tiny")
+    c.model.dtype = "bfloat16"
+    adapter = VAVAEAdapter(c)
+    state = nn.meta.unbox(jax.eval_shape(adapter.init_state, jax.random.key(0)))
+    vit, x = adapter.models.foundation, jax.ShapeDtypeStruct((1, 28, 28, 3), np.float32)
+    frozen = {"lpips": None,
+              "foundation": nn.meta.unbox(jax.eval_shape(vit.init, jax.random.key(0), x)
+                                          ["params"])}
+    batch = {"image": jax.ShapeDtypeStruct((2, 32, 32, 3), np.uint8)}
+    _, metrics = jax.eval_shape(adapter.step, state, batch, jax.random.key(1), frozen)
+    assert metrics["loss"].shape == ()

@@ -200,7 +200,8 @@ def generator_grads(params, disc_params, disc_batch_stats, frozen: dict, x: jax.
             vf_weight = jnp.asarray(loss.vf_weight, jnp.float32)
 
     # ---- total gradient: one backward through every stage ----
-    g_dec_body, ct_z = dec_body_vjp(gh_nll + w_gan * gh_g)
+    # (the float32 weight must not promote a bf16 cotangent: vjp wants the output's dtype)
+    g_dec_body, ct_z = dec_body_vjp((gh_nll + w_gan * gh_g).astype(gh_nll.dtype))
     ct_z = ct_z + vf_weight * ct_z_vf
     ct_kl = jnp.full_like(kl, loss.kl_weight / batch)  # kl_loss = sum(kl) / B
     (ct_moments,) = sample_vjp((ct_z, ct_kl))
