@@ -206,9 +206,9 @@ def forward_gflop() -> dict:
     import jax.numpy as jnp
 
     from configs import lightningdit, vavae
-    from dit_jax import LightningDiT
+    from launch import build
 
-    models, _, _ = vavae.build_models(vavae.get_config("long_stage3"))
+    models, _, _ = build.vavae_models(vavae.get_config("long_stage3"))
     img = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
     dit_inputs = (jax.ShapeDtypeStruct((1, 16, 16, 32), jnp.float32),
                   jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
@@ -218,7 +218,7 @@ def forward_gflop() -> dict:
                          (jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32),), {}),
         "lpips_pair": (models.lpips, (img, img), {}),  # x and x_rec both go through VGG16
         "discriminator": (models.discriminator, (img,), {"train": False}),
-        "dit_xl1": (LightningDiT(**lightningdit.model_kwargs(lightningdit.get_config("xl1_64ep"))),
+        "dit_xl1": (build.dit_model(lightningdit.get_config("xl1_64ep")),
                     dit_inputs, {}),
     }
     return {name: module_gflop(*case) for name, case in cases.items()}

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from bench.dit_throughput import time_fn
-from configs.vavae import build_models, get_config
+from configs.vavae import get_config
+from launch.build import vavae_models
 from vavae_jax.train_step import generator_grads, init_train_state, reference_generator_grads
 
 
@@ -31,7 +32,7 @@ def main():
     args = parser.parse_args()
 
     config = get_config(args.config)
-    models, loss, (ae_opt, disc_opt) = build_models(config)
+    models, loss, (ae_opt, disc_opt) = vavae_models(config)
     size = config.data.image_size
     shape = (args.batch, size, size, 3)
     init = functools.partial(init_train_state, models, image_shape=shape, ae_optimizer=ae_opt,

@@ -134,20 +134,3 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown config variant {arg!r}: tiny, xl1_64ep, xl1_800ep, b1, l1")
     return config
 
-
-def model_kwargs(config: ml_collections.ConfigDict) -> dict:
-    """LightningDiT constructor kwargs from `config.model` (dtype string -> jnp dtype)."""
-    import jax.numpy as jnp
-
-    kwargs = config.model.to_dict()
-    kwargs.pop("variant")
-    kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
-    return kwargs
-
-
-def architecture_kwargs(config: ml_collections.ConfigDict) -> dict:
-    """Only the arguments that shape the parameters (what the converter needs)."""
-    kwargs = model_kwargs(config)
-    for runtime_only in ("dtype", "remat"):
-        kwargs.pop(runtime_only)
-    return kwargs

@@ -37,18 +37,18 @@ TORCH_FORMATS = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
 def _dit(config):
-    from configs.lightningdit import architecture_kwargs
     from dit_jax.convert import abstract_params, params_from_torch, save_torch_checkpoint
     from dit_jax.model import LightningDiT
+    from launch.build import dit_architecture
 
-    kwargs = architecture_kwargs(config)
+    kwargs = dit_architecture(config)
     return (abstract_params(LightningDiT(**kwargs)),
             lambda path: params_from_torch(path, **kwargs),
             lambda path, params: save_torch_checkpoint(path, params, **kwargs))
 
 
 def _vavae(config):
-    from configs.vavae import autoencoder
+    from launch.build import autoencoder
     from vavae_jax.convert import abstract_params, params_from_torch, params_to_torch
 
     use_vf = 1024 if _KEEP_VF_PROJ.value else None  # DINOv2 ViT-L/14 width

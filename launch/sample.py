@@ -21,11 +21,9 @@ from absl import app, flags, logging
 from flax import linen as nn
 from ml_collections import config_flags
 
-from configs.lightningdit import architecture_kwargs, model_kwargs
-from dit_jax import LightningDiT
 from dit_jax.convert import params_from_torch
 from dit_jax.samplers import sample_latents
-from launch import images, params_io, sharding
+from launch import build, images, params_io, sharding
 from launch.latent_stats import denormalize, load_latent_stats
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:variant).",
@@ -48,7 +46,7 @@ def build_params(config, model, mesh, checkpoint: str | None):
     if checkpoint is None:
         return sharding.sharded_init(init, rng, mesh=mesh)[0]
     abstract_boxed = jax.eval_shape(init, rng)
-    to_flax = lambda path: params_from_torch(path, **architecture_kwargs(config))
+    to_flax = lambda path: params_from_torch(path, **build.dit_architecture(config))
     return params_io.load_params(checkpoint, abstract=nn.meta.unbox(abstract_boxed),
                                  from_torch=to_flax,
                                  shardings=sharding.logical_shardings(abstract_boxed, mesh))
@@ -59,7 +57,7 @@ def main(argv):
     config = _CONFIG.value
     workdir = _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
-    model = LightningDiT(**model_kwargs(config))
+    model = build.dit_model(config)
     mesh = sharding.create_mesh(dict(config.mesh))
     params = build_params(config, model, mesh, _CHECKPOINT.value)
 
@@ -73,11 +71,7 @@ def main(argv):
     noise = np.asarray(jax.random.normal(rng_noise, (n, s, s, c), jnp.float32))
 
     opts = config.sample
-    sampler = functools.partial(
-        sample_latents, model, method=opts.method, num_steps=opts.num_steps,
-        timestep_shift=opts.timestep_shift, cfg_scale=opts.cfg_scale,
-        cfg_interval_start=opts.cfg_interval_start,
-        cfg_channels=None if opts.cfg_channels < 0 else opts.cfg_channels)
+    sampler = functools.partial(sample_latents, model, **build.sampler_options(config))
     batch_size = opts.batch_size
     devices = mesh.devices.size
     if batch_size % devices:

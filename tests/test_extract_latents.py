@@ -17,7 +17,8 @@ from helpers import REPO, run_module, run_processes
 from safetensors import safe_open
 
 from configs.lightningdit import get_config as dit_config
-from configs.vavae import autoencoder, get_config
+from configs.vavae import get_config
+from launch.build import autoencoder
 from launch.data.latents import LatentShardSource, make_latent_iterator
 from launch.data.procedural import write_shapes_dataset
 from launch.params_io import save_params

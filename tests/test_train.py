@@ -180,7 +180,7 @@ def test_continue_an_upstream_pytorch_run(latents, uninterrupted, tmp_path):
     import torch
     from flax import linen as nn
 
-    from configs.lightningdit import architecture_kwargs
+    from launch.build import dit_architecture
     from launch.training.adapters import LightningDiTAdapter
     from launch.training.torch_import import train_state_to_torch
 
@@ -190,7 +190,7 @@ def test_continue_an_upstream_pytorch_run(latents, uninterrupted, tmp_path):
     abstract = nn.meta.unbox(jax.eval_shape(adapter.init_state, jax.random.key(0)))
     with ocp.StandardCheckpointer() as ckptr:
         state = ckptr.restore(os.path.join(straight, "checkpoints", "3", "state"), abstract)
-    torch.save(train_state_to_torch(state, model_kwargs=architecture_kwargs(cfg)),
+    torch.save(train_state_to_torch(state, model_kwargs=dit_architecture(cfg)),
                tmp_path / "upstream_step3.pt")
     summary = train(config(latents, init_from=str(tmp_path / "upstream_step3.pt")),
                     str(tmp_path / "run"))

@@ -10,7 +10,8 @@ import pytest
 from flax import linen as nn
 from helpers import assert_close, nhwc
 
-from configs.vavae import build_models, get_config
+from configs.vavae import get_config
+from launch.build import vavae_models
 from launch.sharding import batch_sharding, create_mesh, mesh_context, replicated, sharded_init
 from vavae_jax.autoencoder import AutoencoderKL
 from vavae_jax.convert import params_from_torch as ae_from_torch
@@ -150,7 +151,7 @@ def test_generator_and_discriminator_losses_match_upstream(golden):
 @functools.cache
 def _tiny():
     config = get_config("tiny")
-    models, loss, (ae_opt, disc_opt) = build_models(config)
+    models, loss, (ae_opt, disc_opt) = vavae_models(config)
     init = functools.partial(init_train_state, models, image_shape=(4, 32, 32, 3),
                              ae_optimizer=ae_opt, disc_optimizer=disc_opt)
     state = jax.jit(lambda r: nn.meta.unbox(init(r)))(jax.random.key(0))
@@ -167,7 +168,7 @@ def _tiny_ldm_with_lpips():
     config = get_config("tiny")
     config.model.use_vf = None
     config.loss.perceptual_weight = 1.0
-    models, loss, (ae_opt, disc_opt) = build_models(config)
+    models, loss, (ae_opt, disc_opt) = vavae_models(config)
     init = functools.partial(init_train_state, models, image_shape=(4, 32, 32, 3),
                              ae_optimizer=ae_opt, disc_optimizer=disc_opt)
     state = jax.jit(lambda r: nn.meta.unbox(init(r)))(jax.random.key(0))

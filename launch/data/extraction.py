@@ -20,8 +20,8 @@ from absl import logging
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from configs.vavae import autoencoder
 from launch import cli, params_io, sharding
+from launch.build import autoencoder
 from launch.data import latents as latent_files
 from launch.data.image_pipeline import prepare_source
 from launch.data.pipeline import read_options

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from launch import build, sharding
 from launch import images as image_grids
-from launch import sharding
 
 
 def abstract_like(tree):
@@ -37,17 +37,9 @@ class LightningDiTAdapter:
     batch_key = "latents"
 
     def __init__(self, config):
-        from configs.lightningdit import model_kwargs
-        from dit_jax import LightningDiT
-        from dit_jax.train_step import make_optimizer
-
         self.config = config
-        self.model = LightningDiT(**model_kwargs(config))
-        opt = config.optimizer
-        self.optimizer = make_optimizer(
-            opt.lr, opt.b1, opt.b2, opt.eps, opt.weight_decay, opt.max_grad_norm or None,
-            opt.warmup_steps, opt.decay, opt.get("decay_steps") or config.total_steps,
-            opt.final_lr_fraction)
+        self.model = build.dit_model(config)
+        self.optimizer = build.dit_optimizer(config)
 
     def init_state(self, rng):
         from dit_jax.train_step import init_train_state
@@ -106,13 +98,12 @@ class LightningDiTAdapter:
         An orbax params directory (or a run's workdir) or an upstream `.pt` / `.safetensors`
         sets params and EMA (fresh optimiser, step 0); an upstream *training* checkpoint
         (`model`, `ema`, `opt`) also brings AdamW's moments and the step."""
-        from configs.lightningdit import architecture_kwargs
         from dit_jax.convert import params_from_torch
         from launch import params_io
         from launch.training.torch_import import train_state_from_torch
         from torchport import read_checkpoint
 
-        kwargs = architecture_kwargs(self.config)
+        kwargs = build.dit_architecture(self.config)
         if os.path.isdir(path):
             params = params_io.restore_params(params_io.resolve_params_dir(path),
                                               abstract_like(state.params), shardings.params)
@@ -160,12 +151,12 @@ class LightningDiTAdapter:
         tokenizer = self.config.get("tokenizer")
         if not tokenizer or not tokenizer.variant:
             return None
-        from configs.vavae import autoencoder, get_config
+        from configs.vavae import get_config
         from launch.data.extraction import load_autoencoder_params
         from launch.data.latents import LatentShardSource, load_or_compute_stats
 
         vavae_config = get_config(tokenizer.variant)
-        vae = autoencoder(vavae_config)
+        vae = build.autoencoder(vavae_config)
         one_device = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
         params = load_autoencoder_params(vavae_config, vae, tokenizer.checkpoint or None,
                                          one_device)
@@ -182,14 +173,12 @@ class VAVAEAdapter:
     batch_key = "image"
 
     def __init__(self, config):
-        from configs.vavae import build_models
-
         self.config = config
         if config.train.get("grad_accum_steps", 1) != 1:
             raise ValueError("train.grad_accum_steps: the VA-VAE's adaptive loss weights are "
                              "gradient norms of the whole batch, so micro-batches would change "
                              "the objective; use 1 (a smaller global batch, or more devices)")
-        self.models, self.loss, (self.ae_opt, self.disc_opt) = build_models(config)
+        self.models, self.loss, (self.ae_opt, self.disc_opt) = build.vavae_models(config)
         self.image_size = config.data.image_size
 
     def init_state(self, rng):

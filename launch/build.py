@@ -1,0 +1,97 @@
+"""Everything a config describes, built in one place.
+
+Training, latent extraction, sampling, evaluation and conversion all build their models,
+optimisers and sampler options here, so a config field means the same thing everywhere.
+Configs (`configs/*.py`) stay data plus `get_config(arg)`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+# -- LightningDiT ----------------------------------------------------------------------------
+
+
+def dit_kwargs(config: ml_collections.ConfigDict) -> dict:
+    """`LightningDiT` constructor kwargs from `config.model` (dtype string -> jnp dtype)."""
+    kwargs = config.model.to_dict()
+    kwargs.pop("variant")
+    kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+    return kwargs
+
+
+def dit_architecture(config: ml_collections.ConfigDict) -> dict:
+    """Only the kwargs that shape the parameters (what the PyTorch converters need)."""
+    kwargs = dit_kwargs(config)
+    for runtime_only in ("dtype", "remat"):
+        kwargs.pop(runtime_only)
+    return kwargs
+
+
+def dit_model(config: ml_collections.ConfigDict):
+    from dit_jax import LightningDiT
+
+    return LightningDiT(**dit_kwargs(config))
+
+
+def dit_optimizer(config: ml_collections.ConfigDict):
+    """AdamW of `config.optimizer` (decay over `total_steps` unless `decay_steps` is set)."""
+    from dit_jax.train_step import make_optimizer
+
+    opt = config.optimizer
+    return make_optimizer(opt.lr, opt.b1, opt.b2, opt.eps, opt.weight_decay,
+                          opt.max_grad_norm or None, opt.warmup_steps, opt.decay,
+                          opt.get("decay_steps") or config.get("total_steps", 0),
+                          opt.final_lr_fraction)
+
+
+def sampler_options(config: ml_collections.ConfigDict) -> dict:
+    """`dit_jax.samplers.sample_latents` keyword arguments of `config.sample`
+    (`cfg_channels = -1` in a config means every channel: None)."""
+    opts = config.sample
+    return dict(method=opts.method, num_steps=opts.num_steps,
+                timestep_shift=opts.timestep_shift, cfg_scale=opts.cfg_scale,
+                cfg_interval_start=opts.cfg_interval_start,
+                cfg_channels=None if opts.cfg_channels < 0 else opts.cfg_channels)
+
+
+# -- VA-VAE ------------------------------------------------------------------------------------
+
+
+def autoencoder(config: ml_collections.ConfigDict, use_vf: int | None = None, **kwargs):
+    """The `AutoencoderKL` of `config.model` (`use_vf`: width of the VF projection, or None)."""
+    from vavae_jax.autoencoder import AutoencoderKL
+
+    ddconfig = dict(config.model.ddconfig)
+    ddconfig.update(ch_mult=tuple(ddconfig["ch_mult"]),
+                    attn_resolutions=tuple(ddconfig["attn_resolutions"]))
+    return AutoencoderKL(embed_dim=config.model.embed_dim, **ddconfig, use_vf=use_vf, **kwargs)
+
+
+def dinov2(config: ml_collections.ConfigDict, dtype=jnp.float32):
+    from vavae_jax.dinov2 import dinov2_model
+
+    return dinov2_model(config.foundation.size, dtype=dtype, **config.foundation.overrides)
+
+
+def vavae_models(config: ml_collections.ConfigDict):
+    """(`VAEModels`, `LossConfig`, (autoencoder optimizer, discriminator optimizer))."""
+    from vavae_jax.discriminator import NLayerDiscriminator
+    from vavae_jax.lpips import LPIPS
+    from vavae_jax.train_step import LossConfig, VAEModels, make_optimizers
+
+    dtype = jnp.dtype(config.model.dtype)
+    foundation = dinov2(config, dtype) if config.model.use_vf is not None else None
+    use_vf = foundation.embed_dim if foundation is not None else None
+    models = VAEModels(
+        autoencoder=autoencoder(config, use_vf, dtype=dtype, remat=config.model.remat),
+        discriminator=NLayerDiscriminator(**config.discriminator, dtype=dtype),
+        lpips=LPIPS(dtype=dtype) if config.loss.perceptual_weight > 0 else None,
+        foundation=foundation,
+        imagenet_norm=config.foundation.imagenet_norm,
+    )
+    loss = LossConfig(**config.loss)
+    optimizers = make_optimizers(config.optimizer.lr, config.optimizer.b1, config.optimizer.b2,
+                                 proj_fix=config.optimizer.proj_fix)
+    return models, loss, optimizers
