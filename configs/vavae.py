@@ -53,6 +53,7 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
     config.foundation = ml_collections.ConfigDict(
         {"size": "L", "overrides": {}, "imagenet_norm": False, "checkpoint": ""})
     config.lpips = ml_collections.ConfigDict({"vgg16": "", "heads": ""})
+    config.shard_frozen = False  # True: FSDP-shard the frozen tree instead of replicating it
     config.discriminator = ml_collections.ConfigDict({"ndf": 64, "n_layers": 3})
     config.loss = ml_collections.ConfigDict({
         "kl_weight": 1e-6, "perceptual_weight": 1.0, "logvar": 0.0, "disc_start": 5001,

@@ -260,3 +260,18 @@ def test_vavae_step_traces_in_bfloat16():
     batch = {"image": jax.ShapeDtypeStruct((2, 32, 32, 3), np.uint8)}
     _, metrics = jax.eval_shape(adapter.step, state, batch, jax.random.key(1), frozen)
     assert metrics["loss"].shape == ()
+
+
+def test_frozen_tree_can_be_fsdp_sharded():
+    from configs.vavae import get_config as vavae_config
+    from launch.sharding import create_mesh
+    from launch.training.adapters import VAVAEAdapter
+
+    c = vavae_config("tiny")
+    c.shard_frozen = True
+    frozen = VAVAEAdapter(c).frozen(create_mesh({"data": 2, "fsdp": 4}))
+    specs = [x.sharding.spec for x in jax.tree.leaves(frozen["foundation"])]
+    assert any("fsdp" in str(spec) for spec in specs)  # widths split, as trained weights
+    c.shard_frozen = False
+    frozen = VAVAEAdapter(c).frozen(create_mesh({"data": 2, "fsdp": 4}))
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(frozen["foundation"]))

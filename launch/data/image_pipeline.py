@@ -59,12 +59,20 @@ class LoadImage:
 
 
 def prepare_source(data) -> ImageSource:
-    """Open `data`'s source; a procedural config writes its class-folder tree first."""
+    """Open `data`'s source; a procedural config writes its class-folder tree first (process
+    0 writes, the others wait for it)."""
     if data.source == "folder" and data.get("procedural_images_per_class", 0) > 0:
+        import jax
+
         from launch.data.procedural import ensure_shapes_dataset
 
-        ensure_shapes_dataset(data.path, image_size=data.image_size,
-                              images_per_class=data.procedural_images_per_class)
+        if jax.process_index() == 0:
+            ensure_shapes_dataset(data.path, image_size=data.image_size,
+                                  images_per_class=data.procedural_images_per_class)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"procedural data at {data.path}")
     return open_image_source(data)
 
 

@@ -200,11 +200,14 @@ class VAVAEAdapter:
         return state, {"loss": metrics["total_loss"], **metrics}  # the optimised total
 
     def frozen(self, mesh):
-        """{'lpips': params | None, 'foundation': params | None}, replicated on `mesh`."""
-        from launch.training.frozen import load_frozen
+        """{'lpips': params | None, 'foundation': params | None} on `mesh`: replicated, or
+        FSDP-sharded like trained weights with `config.shard_frozen` (DINOv2-L is 1.2 GB)."""
+        from launch.training.frozen import frozen_shardings, load_frozen
 
-        return jax.device_put(load_frozen(self.config, self.models),
-                              sharding.replicated(mesh))
+        frozen = load_frozen(self.config, self.models)
+        if self.config.get("shard_frozen"):
+            return jax.device_put(frozen, frozen_shardings(self.models, frozen, mesh))
+        return jax.device_put(frozen, sharding.replicated(mesh))
 
     def make_iterator(self, *, global_batch_size: int, mesh, start_step: int = 0):
         from launch.data.image_pipeline import make_image_iterator

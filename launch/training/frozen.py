@@ -28,6 +28,24 @@ def _random(module, rng, *args, what: str):
     return nn.meta.unbox(module.init(rng, *args)["params"])
 
 
+def frozen_shardings(models, frozen: dict, mesh) -> dict:
+    """Shardings of the frozen tree from the modules' logical axis names (as for trained
+    weights), so FSDP splits DINOv2's and VGG's widths over the mesh."""
+    from launch import sharding
+
+    out = {}
+    for key, module, args in (("foundation", models.foundation, 1),
+                              ("lpips", models.lpips, 2)):
+        if frozen.get(key) is None:
+            out[key] = None
+            continue
+        size = 28 if key == "foundation" else 32
+        x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+        boxed = jax.eval_shape(module.init, jax.random.key(0), *([x] * args))["params"]
+        out[key] = sharding.logical_shardings(boxed, mesh)
+    return out
+
+
 def load_frozen(config, models) -> dict:
     """{'foundation': params | None, 'lpips': params | None} for `models` (a `VAEModels`)."""
     tiny = config.get("variant") == "tiny"

@@ -146,9 +146,10 @@ def train(config, workdir: str) -> dict:
                 one_step = adapter.step
                 if config.get("nan_policy", "stop") == "skip":
                     one_step = skip_nonfinite(one_step)
+                frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
                 step_fn = jax.jit(one_step,
                                   in_shardings=(state_shardings, batch_shardings,
-                                                replicated, replicated),
+                                                replicated, frozen_shardings),
                                   out_shardings=(state_shardings, replicated),
                                   donate_argnums=0)
             with sharding.mesh_context(mesh):  # the models' logical axis constraints
