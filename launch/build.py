@@ -35,15 +35,27 @@ def dit_model(config: ml_collections.ConfigDict):
     return LightningDiT(**dit_kwargs(config))
 
 
+def _schedule_args(config: ml_collections.ConfigDict) -> tuple:
+    opt = config.optimizer
+    return (opt.warmup_steps, opt.decay, opt.get("decay_steps") or config.get("total_steps", 0),
+            opt.final_lr_fraction)
+
+
 def dit_optimizer(config: ml_collections.ConfigDict):
     """AdamW of `config.optimizer` (decay over `total_steps` unless `decay_steps` is set)."""
     from dit_jax.train_step import make_optimizer
 
     opt = config.optimizer
     return make_optimizer(opt.lr, opt.b1, opt.b2, opt.eps, opt.weight_decay,
-                          opt.max_grad_norm or None, opt.warmup_steps, opt.decay,
-                          opt.get("decay_steps") or config.get("total_steps", 0),
-                          opt.final_lr_fraction)
+                          opt.max_grad_norm or None, *_schedule_args(config))
+
+
+def dit_lr(config: ml_collections.ConfigDict):
+    """The learning rate as a function of the step (what `dit_optimizer` applies)."""
+    from dit_jax.train_step import lr_schedule
+
+    schedule = lr_schedule(config.optimizer.lr, *_schedule_args(config))
+    return schedule if callable(schedule) else (lambda step: jnp.asarray(schedule, jnp.float32))
 
 
 def sampler_options(config: ml_collections.ConfigDict) -> dict:

@@ -275,3 +275,18 @@ def test_frozen_tree_can_be_fsdp_sharded():
     c.shard_frozen = False
     frozen = VAVAEAdapter(c).frozen(create_mesh({"data": 2, "fsdp": 4}))
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(frozen["foundation"]))
+
+
+def test_meshes_give_the_one_device_trajectory(latents, uninterrupted, tmp_path):
+    """1 device, (data 2, fsdp 4) and (data 2, fsdp 2, tensor 2): the same losses."""
+    straight, _ = uninterrupted
+    train(config(latents, total_steps=3, num_devices=1, **{"mesh.data": 1, "mesh.fsdp": 1}),
+          str(tmp_path / "one"))
+    train(config(latents, total_steps=3, **{"mesh.fsdp": 2, "mesh.tensor": 2}),
+          str(tmp_path / "tensor"))
+    one = losses(tmp_path / "one")
+    for other in (losses(straight), losses(tmp_path / "tensor")):
+        np.testing.assert_allclose([other[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)],
+                                   rtol=1e-5)
+    record = json.loads(open(tmp_path / "one" / "metrics.jsonl").readlines()[-1])
+    assert record["lr"] == pytest.approx(2e-4)  # upstream's constant rate, logged

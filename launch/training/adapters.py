@@ -40,6 +40,7 @@ class LightningDiTAdapter:
         self.config = config
         self.model = build.dit_model(config)
         self.optimizer = build.dit_optimizer(config)
+        self.lr = build.dit_lr(config)
 
     def init_state(self, rng):
         from dit_jax.train_step import init_train_state
@@ -50,12 +51,15 @@ class LightningDiTAdapter:
         from dit_jax.train_step import train_step
 
         del frozen
-        return train_step(state, batch, rng, model=self.model, optimizer=self.optimizer,
-                          ema_decay=self.config.train.ema_decay,
-                          time_dist=self.config.transport.time_dist,
-                          use_cosine_loss=self.config.transport.use_cosine_loss,
-                          accum_steps=self.config.train.get("grad_accum_steps", 1),
-                          uniform_time_after=self.config.transport.get("uniform_time_after", 0))
+        lr = self.lr(state.step)  # the rate this step applies (optax counts from 0)
+        c = self.config
+        state, metrics = train_step(
+            state, batch, rng, model=self.model, optimizer=self.optimizer,
+            ema_decay=c.train.ema_decay, time_dist=c.transport.time_dist,
+            use_cosine_loss=c.transport.use_cosine_loss,
+            accum_steps=c.train.get("grad_accum_steps", 1),
+            uniform_time_after=c.transport.get("uniform_time_after", 0))
+        return state, {**metrics, "lr": lr}
 
     def frozen(self, mesh):
         del mesh
@@ -197,7 +201,9 @@ class VAVAEAdapter:
         state, metrics = train_step(state, batch, rng, frozen, models=self.models,
                                     loss=self.loss, ae_optimizer=self.ae_opt,
                                     disc_optimizer=self.disc_opt)
-        return state, {"loss": metrics["total_loss"], **metrics}  # the optimised total
+        # `loss`: the optimised total; upstream's VA-VAE lr is constant
+        return state, {"loss": metrics["total_loss"], **metrics,
+                       "lr": jnp.asarray(self.config.optimizer.lr, jnp.float32)}
 
     def frozen(self, mesh):
         """{'lpips': params | None, 'foundation': params | None} on `mesh`: replicated, or
