@@ -18,14 +18,8 @@ from helpers import assert_close
 from jax.sharding import PartitionSpec
 
 from torchport import ConversionError, conv_to_flax
-from vavae_jax.autoencoder import (
-    AutoencoderKL,
-    Encoder,
-    MidBlock,
-    conv,
-    decode_to_uint8,
-    group_norm,
-)
+from vavae_jax.autoencoder import AutoencoderKL, Encoder, decode_to_uint8
+from vavae_jax.blocks import MidBlock, conv, group_norm
 from vavae_jax.convert import abstract_params, params_from_torch, params_to_torch, torch_rules
 from vavae_jax.distributions import DiagonalGaussian
 

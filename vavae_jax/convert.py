@@ -37,7 +37,8 @@ from torchport import (
     to_flax,
     to_torch,
 )
-from vavae_jax.autoencoder import AutoencoderKL, decoder_levels, encoder_levels
+from vavae_jax.autoencoder import AutoencoderKL
+from vavae_jax.blocks import decoder_levels, encoder_levels
 
 WHAT = "VA-VAE AutoencoderKL"
 
