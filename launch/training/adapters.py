@@ -34,8 +34,6 @@ def forward_flops(fn, *abstract_args) -> float:
 class LightningDiTAdapter:
     """Rectified-flow LightningDiT on latents (`config.data` = a latent directory)."""
 
-    batch_key = "latents"
-
     def __init__(self, config):
         self.config = config
         self.model = build.dit_model(config)
@@ -173,8 +171,6 @@ class LightningDiTAdapter:
 
 class VAVAEAdapter:
     """VA-VAE (autoencoder + PatchGAN, frozen DINOv2 / LPIPS) on images."""
-
-    batch_key = "image"
 
     def __init__(self, config):
         self.config = config

@@ -50,7 +50,9 @@ class MetricLogger:
         self.workdir = workdir
         self.total_steps = total_steps
         self.batch_size = batch_size
-        self.flops_per_example = flops_per_example  # forward + backward, 2*MAC convention
+        # forward + backward, 2*MAC convention (None when XLA could not count it)
+        self.flops_per_example = (flops_per_example if flops_per_example
+                                  and math.isfinite(flops_per_example) else None)
         self.num_devices = num_devices
         self.peak = peak_flops_per_device()
         self.enabled = enabled
