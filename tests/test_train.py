@@ -290,3 +290,17 @@ def test_meshes_give_the_one_device_trajectory(latents, uninterrupted, tmp_path)
                                    rtol=1e-5)
     record = json.loads(open(tmp_path / "one" / "metrics.jsonl").readlines()[-1])
     assert record["lr"] == pytest.approx(2e-4)  # upstream's constant rate, logged
+
+
+def test_train_cli_user_mistake_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.train", "--config", "configs/lightningdit.py:tiny",
+         "--workdir", str(tmp_path / "run"), f"--config.data.path={tmp_path / 'nowhere'}",
+         "--config.data.prepare="], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: latent directory")

@@ -242,6 +242,11 @@ class GlobalBatchIterator:
         self.step = int(state["step"])
         self.monitor.set_state(state["monitor"])
 
+    def seek(self, step: int) -> None:
+        """Continue with global batch `step` (a run imported at that step)."""
+        self.close()
+        self.step = step
+
     def close(self) -> None:
         if self._iterator is not None and hasattr(self._iterator, "close"):
             self._iterator.close()

@@ -81,15 +81,14 @@ class LightningDiTAdapter:
         extract_latents(vavae_config(data.prepare), data.path,
                         data.get("prepare_checkpoint") or None)
 
-    def make_iterator(self, *, global_batch_size: int, mesh, start_step: int = 0):
+    def make_iterator(self, *, global_batch_size: int, mesh):
         from launch.data.latents import make_latent_iterator
 
         self.prepare_latents()
         m = self.model
         return make_latent_iterator(self.config.data, global_batch_size=global_batch_size,
                                     seed=self.config.seed, num_classes=m.num_classes,
-                                    latent_size=m.input_size, channels=m.in_channels, mesh=mesh,
-                                    start_step=start_step)
+                                    latent_size=m.input_size, channels=m.in_channels, mesh=mesh)
 
     def inference_params(self, state):
         return state.ema_params
@@ -211,11 +210,11 @@ class VAVAEAdapter:
             return jax.device_put(frozen, frozen_shardings(self.models, frozen, mesh))
         return jax.device_put(frozen, sharding.replicated(mesh))
 
-    def make_iterator(self, *, global_batch_size: int, mesh, start_step: int = 0):
+    def make_iterator(self, *, global_batch_size: int, mesh):
         from launch.data.image_pipeline import make_image_iterator
 
         return make_image_iterator(self.config.data, global_batch_size=global_batch_size,
-                                   seed=self.config.seed, mesh=mesh, start_step=start_step)
+                                   seed=self.config.seed, mesh=mesh)
 
     def inference_params(self, state):
         return {k: v for k, v in state.params.items() if k != "linear_proj"}

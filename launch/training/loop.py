@@ -104,6 +104,9 @@ def train(config, workdir: str) -> dict:
                          f"data x fsdp devices of mesh {dict(mesh.shape)}")
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
 
+    # -- data: opened first, so a wrong path fails before any weights are allocated -------------
+    data = adapter.make_iterator(global_batch_size=batch_size, mesh=mesh)
+
     # -- state: restored, or born sharded ------------------------------------------------------
     abstract_boxed = jax.eval_shape(adapter.init_state, init_rng)
     state_shardings = sharding.logical_shardings(abstract_boxed, mesh)
@@ -121,11 +124,10 @@ def train(config, workdir: str) -> dict:
             state = adapter.init_from(config.init_from, state, state_shardings)
             start_step = int(state.step)  # > 0 when continuing an upstream PyTorch run
     frozen = adapter.frozen(mesh)
-
-    # -- data ----------------------------------------------------------------------------------
-    data = adapter.make_iterator(global_batch_size=batch_size, mesh=mesh, start_step=start_step)
     if data_state is not None:
-        data.set_state(data_state)
+        data.set_state(data_state)  # the saved position (and its counters)
+    else:
+        data.seek(start_step)
 
     # -- the step: compiled once, state donated ------------------------------------------------
     replicated = sharding.replicated(mesh)
