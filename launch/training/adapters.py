@@ -174,7 +174,9 @@ class VAVAEAdapter:
     def __init__(self, config):
         self.config = config
         if config.train.get("grad_accum_steps", 1) != 1:
-            raise ValueError("train.grad_accum_steps: the VA-VAE's adaptive loss weights are "
+            from launch.cli import UserError
+
+            raise UserError("train.grad_accum_steps: the VA-VAE's adaptive loss weights are "
                              "gradient norms of the whole batch, so micro-batches would change "
                              "the objective; use 1 (a smaller global batch, or more devices)")
         self.models, self.loss, (self.ae_opt, self.disc_opt) = build.vavae_models(config)
@@ -306,6 +308,8 @@ ADAPTERS = {"lightningdit": LightningDiTAdapter, "vavae": VAVAEAdapter}
 def make_adapter(config):
     family = config.get("family")
     if family not in ADAPTERS:
-        raise ValueError(f"config.family={family!r}: expected one of {sorted(ADAPTERS)}")
+        from launch.cli import UserError
+
+        raise UserError(f"config.family={family!r}: expected one of {sorted(ADAPTERS)}")
     logging.info("model family %s", family)
     return ADAPTERS[family](config)

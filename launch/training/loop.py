@@ -23,6 +23,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from launch import sharding
+from launch.cli import UserError
 from launch.training.adapters import make_adapter
 from launch.training.checkpointing import Checkpointer, abstract_with_shardings
 from launch.training.metrics import MetricLogger
@@ -100,7 +101,7 @@ def train(config, workdir: str) -> dict:
     mesh = sharding.create_mesh(dict(config.mesh), devices)
     batch_size = config.train.global_batch_size
     if batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"train.global_batch_size={batch_size} is not divisible by the "
+        raise UserError(f"train.global_batch_size={batch_size} is not divisible by the "
                          f"data x fsdp devices of mesh {dict(mesh.shape)}")
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
 
