@@ -115,9 +115,6 @@ def test_corrupt_latest_checkpoint_falls_back(latents, uninterrupted, tmp_path, 
             if "manifest" in name or name.startswith("d") or "ocdbt" in root:
                 with open(os.path.join(root, name), "wb") as f:
                     f.write(b"garbage")
-    with open(tmp_path / "metrics.jsonl") as f:
-        kept = [line for line in f if json.loads(line)["step"] <= 3]
-    (tmp_path / "metrics.jsonl").write_text("".join(kept))
     summary = train(config(latents), str(tmp_path))
     assert "checkpoints/6 cannot be restored" in caplog.text
     assert summary["final_step"] == 6
@@ -304,3 +301,13 @@ def test_train_cli_user_mistake_is_one_line(tmp_path):
          "--config.data.prepare="], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: latent directory")
+
+
+def test_checkpoints_of_another_config_are_an_error_not_a_fresh_start(latents, uninterrupted,
+                                                                     tmp_path):
+    from launch.cli import UserError
+
+    straight, _ = uninterrupted
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    with pytest.raises(UserError, match=r"none of the checkpoints \[6, 3\]"):
+        train(config(latents, **{"model.hidden_size": 32}), str(tmp_path))

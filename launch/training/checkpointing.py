@@ -57,8 +57,10 @@ class Checkpointer:
         """(step, state, data_state) of the newest readable checkpoint, or None if there is none.
 
         `abstract_state` holds ShapeDtypeStructs with shardings (see `abstract_with_shardings`):
-        the state lands on the current mesh, whatever mesh saved it."""
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        the state lands on the current mesh, whatever mesh saved it. Checkpoints that exist but
+        none of which can be read are an error, never a silent fresh start."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
@@ -69,6 +71,12 @@ class Checkpointer:
                                 type(e).__name__, str(e)[:500])
                 continue
             return step, restored["state"], restored["data"]
+        if steps:
+            from launch.cli import UserError
+
+            raise UserError(f"none of the checkpoints {steps} in {self.directory} can be "
+                            "restored into this config's state (another model or optimiser "
+                            "config?); use a new --workdir or the config that wrote them")
         return None
 
     def latest_step(self) -> int | None:

@@ -135,7 +135,8 @@ def train(config, workdir: str) -> dict:
     logger = MetricLogger(workdir, total_steps=config.total_steps, batch_size=batch_size,
                           flops_per_example=adapter.flops_per_example(
                               adapter.inference_params(nn.meta.unbox(abstract_boxed))),
-                          num_devices=mesh.devices.size, enabled=jax.process_index() == 0)
+                          num_devices=mesh.devices.size, enabled=jax.process_index() == 0,
+                          start_step=start_step)
     step_fn = None
     stop = StopSignal()
     history: list[tuple[int, dict]] = []
@@ -176,7 +177,10 @@ def train(config, workdir: str) -> dict:
                 logger.write_grid(step, "samples", grid)
 
             # -- checkpoints, preemption ---------------------------------------------------
-            preempted = stop.agreed() or checkpointer.reached_preemption(step)
+            # a signal is agreed on every `signal_check_every` steps (one tiny collective on
+            # several processes; every step on one)
+            check = jax.process_count() == 1 or step % config.get("signal_check_every", 10) == 0
+            preempted = (check and stop.agreed()) or checkpointer.reached_preemption(step)
             if (step % config.ckpt_every == 0 or step == config.total_steps
                     or preempted):
                 checkpointer.save(step, state=state,

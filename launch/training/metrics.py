@@ -41,12 +41,23 @@ def format_eta(seconds: float) -> str:
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
+def drop_records_after(path: str, step: int) -> None:
+    """Keep the records of `metrics.jsonl` up to `step` (the checkpoint a run resumed from)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 class MetricLogger:
     """Writes scalars and images for one run; `write` also prints the progress line."""
 
     def __init__(self, workdir: str, *, total_steps: int, batch_size: int,
                  flops_per_example: float | None = None, num_devices: int = 1,
-                 enabled: bool = True):
+                 enabled: bool = True, start_step: int = 0):
         self.workdir = workdir
         self.total_steps = total_steps
         self.batch_size = batch_size
@@ -63,7 +74,9 @@ class MetricLogger:
 
             os.makedirs(workdir, exist_ok=True)
             self._writer = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            path = os.path.join(workdir, "metrics.jsonl")
+            drop_records_after(path, start_step)  # steps redone after a resume are re-logged
+            self._jsonl = open(path, "a")  # noqa: SIM115
         self._last_time = None
         self._last_step = None
 
