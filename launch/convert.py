@@ -88,8 +88,8 @@ def main(argv):
                              "--config ... --input ... --output ...")
     abstract, read_torch, write_torch = MODELS[argv[1]](_CONFIG.value)
     src, dst = _INPUT.value, _OUTPUT.value
-    if os.path.isdir(src):
-        params = params_io.restore_params(src, abstract)
+    if os.path.isdir(src):  # an orbax params directory or a training run's workdir
+        params = params_io.restore_params(params_io.resolve_params_dir(src), abstract)
     else:
         params = read_torch(src)
     if dst.endswith(TORCH_FORMATS):

@@ -23,12 +23,19 @@ def save_params(path: str | os.PathLike, params) -> None:
 
 
 def restore_params(path: str | os.PathLike, abstract, shardings=None):
-    """Read an orbax params directory into the structure of `abstract` (ShapeDtypeStructs)."""
+    """Read an orbax params directory into the structure of `abstract` (ShapeDtypeStructs; None:
+    the stored tree). Without `shardings` everything lands on one device, whatever devices saved
+    it (a pod's run read on a laptop)."""
     path = os.path.abspath(os.fspath(path))
-    if shardings is not None:
+    with ocp.StandardCheckpointer() as ckptr:
+        if abstract is None:
+            stored = ckptr.metadata(path).item_metadata
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
+        if shardings is None:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: one, abstract)
         abstract = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, abstract)
 
 
@@ -53,10 +60,11 @@ def resolve_params_dir(path: str | os.PathLike) -> str:
 
 def load_params(path: str | os.PathLike, *, abstract, from_torch: Callable[[str], dict],
                 shardings=None):
-    """Params from an orbax directory or a PyTorch file (converted with `from_torch(path)`)."""
+    """Params from an orbax params directory, a training run's workdir (its latest `params`
+    item) or a PyTorch file (converted with `from_torch(path)`)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        return restore_params(path, abstract, shardings)
+        return restore_params(resolve_params_dir(path), abstract, shardings)
     params = from_torch(path)
     expected = jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype)), abstract)
     got = jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype)), params)

@@ -30,7 +30,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:var
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Upstream .pt/.safetensors or an orbax params directory; "
+    "checkpoint", None, "Upstream .pt/.safetensors, an orbax params directory or a training "
+    "run's workdir (its latest EMA weights); "
     "default: a randomly initialised model (outputs zero velocity: samples equal the noise).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16, "Number of samples.")
 _LABELS = flags.DEFINE_list("labels", None, "Class labels (cycled); default: random classes.")

@@ -48,3 +48,13 @@ def test_convert_dinov2_timm_to_hf_layout(golden, tmp_path):
     assert sorted(hf) == sorted(want)
     for key, value in want.items():
         np.testing.assert_array_equal(hf[key].numpy(), value, err_msg=key)
+
+
+def test_params_directory_restores_without_a_target_tree(tmp_path):
+    from launch.params_io import restore_params, save_params
+
+    tree = {"encoder": {"kernel": np.ones((3, 2), np.float32)}, "bias": np.arange(4.0)}
+    save_params(tmp_path / "p", tree)
+    back = restore_params(tmp_path / "p", None)  # the stored tree, on one device
+    np.testing.assert_array_equal(back["encoder"]["kernel"], tree["encoder"]["kernel"])
+    np.testing.assert_array_equal(back["bias"], tree["bias"])

@@ -311,3 +311,17 @@ def test_checkpoints_of_another_config_are_an_error_not_a_fresh_start(latents, u
     shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
     with pytest.raises(UserError, match=r"none of the checkpoints \[6, 3\]"):
         train(config(latents, **{"model.hidden_size": 32}), str(tmp_path))
+
+
+def test_sample_and_convert_read_a_training_run(uninterrupted, tmp_path):
+    """A run's workdir is a checkpoint for the other entry points (its latest EMA params)."""
+    straight, _ = uninterrupted
+    out = run_module("launch.sample", "--config", "configs/lightningdit.py:tiny", "--workdir",
+                     str(tmp_path / "samples"), "--checkpoint", straight, "--num_samples", "4")
+    assert json.loads(out.strip().splitlines()[-1])["num_samples"] == 4
+    run_module("launch.convert", "dit", "--config", "configs/lightningdit.py:tiny", "--input",
+               straight, "--output", str(tmp_path / "ema.safetensors"))
+    from safetensors.numpy import load_file
+
+    exported = load_file(tmp_path / "ema.safetensors")
+    assert "x_embedder.proj.weight" in exported

@@ -76,7 +76,7 @@ def load_autoencoder_params(config, model, checkpoint: str | None, mesh):
     if not os.path.exists(checkpoint):
         raise cli.UserError(f"--checkpoint {checkpoint!r} does not exist")
     params = params_io.load_params(
-        params_io.resolve_params_dir(checkpoint), abstract=abstract,
+        checkpoint, abstract=abstract,
         from_torch=lambda path: params_from_torch(path, model=model))
     return jax.device_put(params, replicated)
 
