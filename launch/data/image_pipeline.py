@@ -13,20 +13,9 @@ from __future__ import annotations
 import numpy as np
 from absl import logging
 
-from launch.data.pipeline import (
-    UPSCALED_KEY,
-    BadInputMonitor,
-    GlobalBatchIterator,
-    GlobalOrder,
-    SlotMap,
-    build_batches,
-    process_slice,
-)
+from launch.data.pipeline import UPSCALED_KEY, GlobalBatchIterator, make_global_iterator
 from launch.data.preprocess import PREPROCESS_MODES, preprocess
 from launch.data.sources import DataError, ImageSource, open_image_source
-
-# a run's length when the caller does not say: the pipeline is lazy, so "forever"
-UNBOUNDED_STEPS = 10**12
 
 
 class LoadImage:
@@ -93,18 +82,13 @@ def make_image_iterator(data, *, global_batch_size: int, seed: int,
     """
     source = source or prepare_source(data)
     check_num_classes(source, num_classes, data.path)
-    p, _, local_batch = process_slice(global_batch_size, process_index, process_count)
-    order = GlobalOrder(len(source), global_batch_size, seed, shuffle=data.get("shuffle", True))
     load = LoadImage(source, data.preprocess, data.image_size, data.flip_prob)
-    slot_map = SlotMap(order, load, source.describe, p, local_batch, data.max_attempts)
-    monitor = BadInputMonitor(source.describe, load.why_bad, data.max_bad_fraction,
-                              min_items=data.bad_fraction_min_items)
-    logging.info("image data: %s (%s), %d images, %d classes, %d steps per epoch, process "
-                 "batch %d", data.path, data.source, len(source), source.num_classes,
-                 order.steps_per_epoch, local_batch)
-    identity = {"seed": seed, "global_batch_size": global_batch_size,
-                "num_records": len(source)}
-    return GlobalBatchIterator(
-        lambda start: build_batches(slot_map, start, num_steps or UNBOUNDED_STEPS,
-                                    data.worker_count, data.read_threads, data.prefetch),
-        monitor, identity, mesh=mesh, start_step=start_step)
+    iterator = make_global_iterator(
+        data, load, num_records=len(source), describe=source.describe, reason=load.why_bad,
+        global_batch_size=global_batch_size, seed=seed, shuffle=data.get("shuffle", True),
+        mesh=mesh, start_step=start_step, num_steps=num_steps, process_index=process_index,
+        process_count=process_count)
+    logging.info("image data: %s (%s), %d images, %d classes, %d steps per epoch",
+                 data.path, data.source, len(source), source.num_classes,
+                 len(source) // global_batch_size)
+    return iterator

@@ -20,14 +20,7 @@ import os
 import numpy as np
 from absl import logging
 
-from launch.data.pipeline import (
-    BadInputMonitor,
-    GlobalBatchIterator,
-    GlobalOrder,
-    SlotMap,
-    build_batches,
-    process_slice,
-)
+from launch.data.pipeline import GlobalBatchIterator, make_global_iterator
 from launch.data.sources import DataError
 
 SHARD_PATTERN = "latents_rank{rank:02d}_shard{shard:03d}.safetensors"
@@ -192,8 +185,6 @@ def make_latent_iterator(data, *, global_batch_size: int, seed: int,
                          num_steps: int | None = None, process_index: int | None = None,
                          process_count: int | None = None) -> GlobalBatchIterator:
     """Global batches of normalised NHWC latents from `data.path` (a `config.data` block)."""
-    from launch.data.image_pipeline import UNBOUNDED_STEPS
-
     source = LatentShardSource(data.path)
     c, h, w = source.latent_shape
     if (channels is not None and c != channels) or (latent_size is not None
@@ -207,18 +198,12 @@ def make_latent_iterator(data, *, global_batch_size: int, seed: int,
                             f"model has num_classes={num_classes}")
     mean, std = (load_or_compute_stats(source) if data.latent_norm
                  else (np.zeros(c, np.float32), np.ones(c, np.float32)))
-    p, _, local_batch = process_slice(global_batch_size, process_index, process_count)
-    order = GlobalOrder(len(source), global_batch_size, seed)
     load = LoadLatent(source, mean, std, data.latent_norm, data.latent_multiplier, data.flip)
-    slot_map = SlotMap(order, load, source.describe, p, local_batch, data.max_attempts)
-    monitor = BadInputMonitor(source.describe, None, data.max_bad_fraction,
-                              min_items=data.bad_fraction_min_items)
+    iterator = make_global_iterator(
+        data, load, num_records=len(source), describe=source.describe, reason=None,
+        global_batch_size=global_batch_size, seed=seed, mesh=mesh, start_step=start_step,
+        num_steps=num_steps, process_index=process_index, process_count=process_count)
     logging.info("latent data: %s, %d latents (C, H, W) = %s in %d shards, %d steps per "
                  "epoch", data.path, len(source), source.latent_shape, len(source.files),
-                 order.steps_per_epoch)
-    identity = {"seed": seed, "global_batch_size": global_batch_size,
-                "num_records": len(source)}
-    return GlobalBatchIterator(
-        lambda start: build_batches(slot_map, start, num_steps or UNBOUNDED_STEPS,
-                                    data.worker_count, data.read_threads, data.prefetch),
-        monitor, identity, mesh=mesh, start_step=start_step)
+                 len(source) // global_batch_size)
+    return iterator

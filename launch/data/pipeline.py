@@ -251,3 +251,28 @@ class GlobalBatchIterator:
         if self._iterator is not None and hasattr(self._iterator, "close"):
             self._iterator.close()
         self._iterator = None
+
+
+# a run's length when the caller does not say: the pipeline is lazy, so "forever"
+UNBOUNDED_STEPS = 10**12
+
+
+def make_global_iterator(data, load: Callable, *, num_records: int,
+                         describe: Callable[[int], str], reason: Callable[[int], str] | None,
+                         global_batch_size: int, seed: int, shuffle: bool = True, mesh=None,
+                         start_step: int = 0, num_steps: int | None = None,
+                         process_index: int | None = None,
+                         process_count: int | None = None) -> GlobalBatchIterator:
+    """The resumable global-batch iterator over `num_records` records read by `load(record,
+    rng)`, configured by a `config.data` block (workers, prefetch, bad-input limits)."""
+    p, _, local_batch = process_slice(global_batch_size, process_index, process_count)
+    order = GlobalOrder(num_records, global_batch_size, seed, shuffle=shuffle)
+    slot_map = SlotMap(order, load, describe, p, local_batch, data.max_attempts)
+    monitor = BadInputMonitor(describe, reason, data.max_bad_fraction,
+                              min_items=data.bad_fraction_min_items)
+    identity = {"seed": seed, "global_batch_size": global_batch_size,
+                "num_records": num_records}
+    return GlobalBatchIterator(
+        lambda start: build_batches(slot_map, start, num_steps or UNBOUNDED_STEPS,
+                                    data.worker_count, data.read_threads, data.prefetch),
+        monitor, identity, mesh=mesh, start_step=start_step)
