@@ -1,0 +1,232 @@
+"""Sampling at scale as a library: N images from a LightningDiT, in resumable chunks.
+
+`python -m launch.sample` is the command; the demo calls `generate` directly. What a run is:
+
+- Sample i has its own noise, keyed by `fold_in(key, i)`, and its own label from one draw of
+  all N labels (`class_labels`: random classes as upstream's inference, or balanced). So the
+  images do not depend on the batch size, the chunking or the number of devices and hosts.
+- A global batch of `batch_size` samples is sharded over every device of every process; one
+  jitted program integrates the ODE/SDE, de-normalises the latents with the training
+  statistics, decodes them with the VA-VAE and converts to uint8 as upstream writes PNGs.
+- Every `chunk_size` images are gathered and written by process 0 as
+  `chunks/chunk_{k:05d}.npz` (written to a temporary name, then renamed). A rerun of the same
+  command skips the finished chunks; `sampling.json` records the settings a rerun must share.
+- `assemble` concatenates the chunks into one ADM-format `.npz` (`arr_0` uint8 NHWC images,
+  `arr_1` labels) that the ADM evaluator and `launch.evaluate` read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from launch import images as image_grids
+from launch import sharding
+
+LAYOUT_FILE = "sampling.json"
+CHUNK_DIR = "chunks"
+
+
+class LayoutMismatch(ValueError):
+    """A rerun whose settings differ from the run that wrote the chunks."""
+
+
+def class_labels(num_samples: int, num_classes: int, seed: int, balanced: bool) -> np.ndarray:
+    """(N,) int32 labels: uniform random classes, or each class N / num_classes times (+1 for
+    the first N % num_classes) in a random order."""
+    key = jax.random.key(seed)
+    if not balanced:
+        return np.asarray(jax.random.randint(key, (num_samples,), 0, num_classes), np.int32)
+    labels = np.arange(num_samples, dtype=np.int32) % num_classes
+    return labels[np.asarray(jax.random.permutation(key, num_samples))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How N samples are split: global batches of `batch_size`, chunks of `chunk_size`."""
+
+    num_samples: int
+    batch_size: int
+    chunk_size: int
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_samples // self.chunk_size)
+
+    def chunk_range(self, k: int) -> tuple[int, int]:
+        start = k * self.chunk_size
+        return start, min(start + self.chunk_size, self.num_samples)
+
+
+def make_plan(num_samples: int, batch_size: int, chunk_size: int, num_devices: int) -> Plan:
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    if batch_size % num_devices:
+        raise ValueError(f"sample.batch_size {batch_size} must be a multiple of the "
+                         f"{num_devices} devices")
+    chunk_size = max(batch_size, -(-chunk_size // batch_size) * batch_size)
+    return Plan(num_samples, batch_size, chunk_size)
+
+
+def make_generate(model, sampler_options: dict, *, decode: Callable | None,
+                  latent_stats: tuple[np.ndarray, np.ndarray, float] | None,
+                  noise_key: jax.Array, sde_key: jax.Array) -> Callable:
+    """`generate(params, decoder_params, indices (B,), labels (B,))` -> uint8 images (B, H, W, 3)
+    (or float32 NHWC latents when `decode` is None), un-jitted.
+
+    `decode(decoder_params, latents NHWC) -> images in [-1, 1]`; `latent_stats` is
+    (mean (C,), std (C,), multiplier) of the DiT's training latents."""
+    from dit_jax.samplers import sample_latents
+
+    shape = (model.input_size, model.input_size, model.in_channels)
+
+    def generate(params, decoder_params, indices, labels):
+        noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(
+            indices)
+        rng = jax.random.fold_in(sde_key, indices[0])
+        x = sample_latents(model, params, noise, labels, rng, **sampler_options)
+        if latent_stats is not None:
+            mean, std, multiplier = latent_stats
+            x = x * jnp.asarray(std) / multiplier + jnp.asarray(mean)
+        if decode is None:
+            return x.astype(jnp.float32)
+        images = decode(decoder_params, x)
+        return jnp.clip(127.5 * images + 128.0, 0, 255).astype(jnp.uint8)
+
+    return generate
+
+
+def check_layout(workdir: str, layout: dict) -> None:
+    """Record `layout` in a new run; refuse a rerun whose settings differ."""
+    path = os.path.join(workdir, LAYOUT_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if stored != layout:
+            diff = sorted(k for k in set(stored) | set(layout) if stored.get(k) != layout.get(k))
+            raise LayoutMismatch(
+                f"{workdir} holds samples made with other settings ({', '.join(diff)}: "
+                f"{[stored.get(k) for k in diff]} there vs {[layout.get(k) for k in diff]} "
+                f"now); use another --workdir or delete it")
+        return
+    if jax.process_index() == 0:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(layout, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+
+def chunk_path(workdir: str, k: int) -> str:
+    return os.path.join(workdir, CHUNK_DIR, f"chunk_{k:05d}.npz")
+
+
+def _global_array(values: np.ndarray, array_sharding) -> jax.Array:
+    """The same host array on every process -> one global array sharded over all devices."""
+    return jax.make_array_from_callback(values.shape, array_sharding, lambda idx: values[idx])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def generate(generate_fn: Callable, params, decoder_params, labels: np.ndarray, plan: Plan,
+             workdir: str, mesh, *, max_chunks: int | None = None, progress: bool = True) -> int:
+    """Write the missing chunks of `plan` to `workdir/chunks`; returns how many images were made.
+
+    `generate_fn` comes from `make_generate`; `labels` holds all N labels. `max_chunks` stops
+    after that many new chunks (to split a long job over time slots)."""
+    os.makedirs(os.path.join(workdir, CHUNK_DIR), exist_ok=True)
+    todo = [k for k in range(plan.num_chunks) if not os.path.exists(chunk_path(workdir, k))]
+    if max_chunks is not None:
+        todo = todo[:max_chunks]
+    done_before = plan.num_chunks - len([k for k in range(plan.num_chunks)
+                                         if not os.path.exists(chunk_path(workdir, k))])
+    if done_before:
+        logging.info("resuming: %d of %d chunks already written", done_before, plan.num_chunks)
+    if not todo:
+        return 0
+    made = 0
+    batch_1d = sharding.batch_sharding(mesh, 1)
+    with sharding.mesh_context(mesh):
+        run = jax.jit(generate_fn)
+        bar = _progress(plan, done_before, enabled=progress and jax.process_index() == 0)
+        for k in todo:
+            start, stop = plan.chunk_range(k)
+            outputs = []
+            for b in range(start, stop, plan.batch_size):
+                # a short last batch repeats indices: every batch has the compiled shape
+                idx = np.arange(b, b + plan.batch_size) % plan.num_samples
+                out = run(params, decoder_params, _global_array(idx.astype(np.int32), batch_1d),
+                          _global_array(labels[idx], batch_1d))
+                outputs.append(_to_host(out)[: stop - b])
+                bar.update(min(plan.batch_size, stop - b))
+            made += stop - start
+            if jax.process_index() == 0:
+                _write_chunk(chunk_path(workdir, k), np.concatenate(outputs), labels[start:stop])
+        bar.close()
+    return made
+
+
+def _write_chunk(path: str, samples: np.ndarray, labels: np.ndarray) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, samples=samples, labels=labels)
+    os.replace(tmp, path)
+
+
+def _progress(plan: Plan, done_chunks: int, enabled: bool):
+    from tqdm import tqdm
+
+    done = min(done_chunks * plan.chunk_size, plan.num_samples)
+    return tqdm(total=plan.num_samples, initial=done, unit="img", disable=not enabled,
+                smoothing=0.1, dynamic_ncols=True)
+
+
+def assemble(workdir: str, plan: Plan, output: str) -> np.ndarray:
+    """Concatenate the chunks into one ADM-format `.npz` (`arr_0` samples, `arr_1` labels);
+    returns the samples. Raises if a chunk is missing or has the wrong size."""
+    samples, labels = [], []
+    for k in range(plan.num_chunks):
+        path = chunk_path(workdir, k)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: rerun the sampling command to finish")
+        with np.load(path) as chunk:
+            start, stop = plan.chunk_range(k)
+            if len(chunk["samples"]) != stop - start:
+                raise ValueError(f"{path} holds {len(chunk['samples'])} samples, expected "
+                                 f"{stop - start}")
+            samples.append(chunk["samples"])
+            labels.append(chunk["labels"])
+    samples, labels = np.concatenate(samples), np.concatenate(labels)
+    tmp = output + ".tmp.npz"
+    np.savez(tmp, arr_0=samples, arr_1=labels)
+    os.replace(tmp, output)
+    return samples
+
+
+def labelled_grid(images: np.ndarray, labels: np.ndarray, ncols: int | None = None,
+                  class_names: list[str] | None = None) -> np.ndarray:
+    """uint8 grid of images (N, H, W, 3), each with its class written above it."""
+    from PIL import Image, ImageDraw
+
+    scale = max(1, 64 // images.shape[1])
+    tiles = []
+    for image, label in zip(images, labels, strict=True):
+        image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+        h, w, _ = image.shape
+        tile = Image.new("RGB", (w, h + 12), (255, 255, 255))
+        tile.paste(Image.fromarray(image), (0, 12))
+        name = class_names[label] if class_names else str(int(label))
+        ImageDraw.Draw(tile).text((2, 0), name, fill=(0, 0, 0))
+        tiles.append(np.asarray(tile))
+    return image_grids.make_grid(np.stack(tiles), ncols=ncols)

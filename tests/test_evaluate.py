@@ -1,0 +1,101 @@
+"""launch.evaluation / launch.evaluate: ADM-format batches and the metrics they allow."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import REPO
+
+from eval_jax import metrics
+from launch import evaluation
+
+
+def _images(seed: int, n: int = 24, size: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _extract(images: np.ndarray) -> dict[str, np.ndarray]:
+    """A stand-in feature network: pixel statistics as features, softmax logits over 4."""
+    x = images.astype(np.float32) / 255.0
+    pool = np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2)), x[:, 0, 0]], axis=1)
+    return {"pool": pool, "logits": pool[:, :4] * 5, "spatial": x[:, :2, :2].reshape(len(x), -1)}
+
+
+def test_identical_batches_score_zero_and_report_every_metric(tmp_path):
+    images = _images(0)
+    np.savez(tmp_path / "a.npz", arr_0=images)
+    batch = evaluation.load_batch(tmp_path / "a.npz")
+    result = evaluation.evaluate(batch, batch, _extract)
+    assert set(result) == {"fid", "sfid", "is", "precision", "recall"}
+    assert abs(result["fid"]) < 1e-6 and abs(result["sfid"]) < 1e-6
+    assert result["precision"] == result["recall"] == 1.0
+
+
+def test_stored_statistics_take_precedence_over_images(tmp_path):
+    samples, reference = _images(0), _images(1)
+    ref_feats = _extract(reference)
+    mu, sigma = metrics.feature_statistics(ref_feats["pool"] + 1.0)  # deliberately shifted
+    np.savez(tmp_path / "ref.npz", arr_0=reference, mu=mu, sigma=sigma)
+    np.savez(tmp_path / "s.npz", arr_0=samples)
+    result = evaluation.evaluate(evaluation.load_batch(tmp_path / "s.npz"),
+                                 evaluation.load_batch(tmp_path / "ref.npz"), _extract)
+    want = metrics.frechet_distance(*metrics.feature_statistics(_extract(samples)["pool"]), mu,
+                                    sigma)
+    assert result["fid"] == pytest.approx(want, rel=1e-9)
+    # no stored spatial statistics: sFID comes from the reference images, as do precision and
+    # recall
+    want_sfid = metrics.frechet_distance(
+        *metrics.feature_statistics(_extract(samples)["spatial"]),
+        *metrics.feature_statistics(ref_feats["spatial"]))
+    assert result["sfid"] == pytest.approx(want_sfid, rel=1e-9)
+    p, r = metrics.precision_recall(ref_feats["pool"], _extract(samples)["pool"])
+    assert (result["precision"], result["recall"]) == (p, r)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"arr_0": np.zeros((2, 8, 8), np.uint8)}, "uint8 images"),
+    ({"arr_0": np.zeros((2, 8, 8, 3), np.float32)}, "uint8 images"),
+    ({"mu": np.zeros(3)}, "without its pair"),
+    ({"labels": np.zeros(3)}, "neither images"),
+])
+def test_bad_batch_files_are_named(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(evaluation.BatchFileError, match=message):
+        evaluation.load_batch(tmp_path / "bad.npz")
+
+
+def _evaluate_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.evaluate", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_fid_from_statistics_alone(tmp_path):
+    """Two statistics-only files (as ADM's reference batches carry) need no network."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(50, 6)), rng.normal(loc=0.5, size=(50, 6))
+    for name, x in (("a", a), ("b", b)):
+        mu, sigma = metrics.feature_statistics(x)
+        np.savez(tmp_path / f"{name}.npz", mu=mu, sigma=sigma)
+    proc = _evaluate_cli("--samples", str(tmp_path / "a.npz"), "--reference",
+                         str(tmp_path / "b.npz"), "--output", str(tmp_path / "m.json"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    want = metrics.frechet_distance(*metrics.feature_statistics(a), *metrics.feature_statistics(b))
+    assert set(result) == {"fid"} and result["fid"] == pytest.approx(want, rel=1e-12)
+    assert json.loads((tmp_path / "m.json").read_text()) == result
+
+
+def test_cli_user_mistakes_are_one_line(tmp_path):
+    np.savez(tmp_path / "s.npz", arr_0=_images(0))
+    for args, expected in (
+        (["--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "none.npz")],
+         "does not exist"),
+        (["--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "s.npz")],
+         "--inception"),
+    ):
+        proc = _evaluate_cli(*args)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and expected in last

@@ -1,0 +1,67 @@
+"""Sampling at scale (launch.sampling / launch.sample): labels, chunking, resumption."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import REPO, run_module
+
+from launch import sampling
+
+
+def test_class_labels_random_and_balanced():
+    random = sampling.class_labels(1000, 10, seed=0, balanced=False)
+    assert random.dtype == np.int32 and random.min() >= 0 and random.max() < 10
+    np.testing.assert_array_equal(random, sampling.class_labels(1000, 10, 0, False))
+    assert not np.array_equal(random, sampling.class_labels(1000, 10, 1, False))
+    balanced = sampling.class_labels(1003, 10, seed=0, balanced=True)
+    counts = np.bincount(balanced, minlength=10)
+    assert counts.tolist() == [101, 101, 101] + [100] * 7
+    assert not np.array_equal(balanced[:10], np.arange(10))  # shuffled
+
+
+def test_plan_rounds_chunks_to_batches_and_checks_devices():
+    plan = sampling.make_plan(50_000, 256, 1000, num_devices=8)
+    assert plan.chunk_size == 1024 and plan.num_chunks == 49
+    assert plan.chunk_range(48) == (49_152, 50_000)
+    with pytest.raises(ValueError, match="multiple of the 8 devices"):
+        sampling.make_plan(10, 4, 8, num_devices=8)
+
+
+TINY = ["launch.sample", "--config", "configs/lightningdit.py:tiny", "--num_samples", "20",
+        "--config.sample.batch_size=4", "--config.sample.num_steps=4"]
+
+
+def _summary(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_killed_run_resumes_to_the_images_of_one_run(tmp_path):
+    """A run stopped after one chunk (plus a half-written file) finishes on rerun with exactly
+    N images, identical to one uninterrupted run with another chunking."""
+    first = tmp_path / "resumed"
+    out = _summary(run_module(*TINY, "--workdir", str(first), "--chunk_size", "8",
+                              "--max_chunks", "1"))
+    assert out["images_made"] == 8 and out["chunks_missing"] == 2
+    assert not (first / "samples.npz").exists()
+    (first / "chunks" / "chunk_00001.npz.tmp.npz").write_bytes(b"half a file")
+    out = _summary(run_module(*TINY, "--workdir", str(first), "--chunk_size", "8"))
+    assert out["images_made"] == 12 and out["shape"] == [20, 32, 32, 3]
+
+    other = tmp_path / "one_run"
+    run_module(*TINY, "--workdir", str(other), "--chunk_size", "12", "--grid", "0")
+    with np.load(first / "samples.npz") as a, np.load(other / "samples.npz") as b:
+        assert a["arr_0"].dtype == np.uint8 and a["arr_0"].shape == (20, 32, 32, 3)
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+    assert (first / "samples.png").exists() and not (other / "samples.png").exists()
+
+    # the same workdir with other settings is refused, naming what differs
+    proc = subprocess.run([sys.executable, "-m", *TINY, "--workdir", str(first), "--chunk_size",
+                           "8", "--config.sample.cfg_scale=2.0"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "sample" in proc.stderr.strip().splitlines()[-1]
