@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -99,3 +100,41 @@ def test_cli_user_mistakes_are_one_line(tmp_path):
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and expected in last
+
+
+def test_cli_with_a_random_inception_file(tmp_path):
+    """Samples and reference as images, features from pytorch-fid's layout (random weights):
+    every metric, and --save_stats writes a reference batch (pool and spatial statistics)."""
+    import jax
+    import torch
+
+    from eval_jax.inception import InceptionV3
+    from eval_jax.inception_convert import params_to_torch
+
+    model = InceptionV3()
+    variables = model.init(jax.random.key(0), np.zeros((1, 75, 75, 3), np.float32))
+    # random BatchNorm statistics too (small means, so the ReLUs stay alive)
+    def randomise(path, x):
+        name = jax.tree_util.keystr(path).encode()
+        key = jax.random.fold_in(jax.random.key(1), zlib.crc32(name))
+        if path[-1].key == "mean":
+            return jax.random.uniform(key, x.shape, minval=-0.1, maxval=0.1)
+        return jax.random.uniform(key, x.shape, minval=0.5, maxval=1.5)
+
+    variables = {**variables, "batch_stats": jax.tree_util.tree_map_with_path(
+        randomise, variables["batch_stats"])}
+    weights = tmp_path / "inception.pth"
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in params_to_torch(variables).items()},
+               weights)
+    np.savez(tmp_path / "s.npz", arr_0=_images(0, n=6, size=32))
+    np.savez(tmp_path / "r.npz", arr_0=_images(1, n=6, size=32))
+    common = ["--inception", str(weights), "--batch_size", "6"]
+    proc = _evaluate_cli("--samples", str(tmp_path / "s.npz"), "--reference",
+                         str(tmp_path / "r.npz"), "--save_stats", str(tmp_path / "stats.npz"),
+                         *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result) == {"fid", "sfid", "is", "precision", "recall"}
+    assert all(np.isfinite(v) for v in result.values()) and result["fid"] > 0
+    with np.load(tmp_path / "stats.npz") as stats:
+        assert stats["mu"].shape == (2048,) and stats["mu_s"].shape == (2023,)
