@@ -1,12 +1,13 @@
 """LightningDiT weights: upstream PyTorch state dict <-> Flax params.
 
-    params = params_from_torch("lightningdit-xl-imagenet256-800ep.pt",
-                               **lightningdit_kwargs("LightningDiT-XL/1", **RELEASED_FLAGS))
-    state_dict = params_to_torch(params, **same_kwargs)   # loads with strict=True upstream
+    model = LightningDiT(**lightningdit_kwargs("LightningDiT-XL/1", **RELEASED_FLAGS))
+    params = params_from_torch("lightningdit-xl-imagenet256-800ep.pt", model)
+    state_dict = params_to_torch(params, model)   # loads with strict=True upstream
 
-Upstream training checkpoints (``{'model', 'ema', 'opt', 'config'}``) load their 'ema' entry,
-as upstream inference.py does (pass ``select=("model",)`` for the raw weights). `pos_embed` and
-the RoPE buffers are constants here: exported with upstream's values, checked on import.
+`model` defaults to that released XL/1 configuration. Upstream training checkpoints
+(``{'model', 'ema', 'opt', 'config'}``) load their 'ema' entry, as upstream inference.py does
+(pass ``select=("model",)`` for the raw weights). `pos_embed` and the RoPE buffers are
+constants here: exported with upstream's values, checked on import.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax import traverse_util
 
 from dit_jax.layers import rope_tables, sincos_pos_embed_2d
-from dit_jax.model import LightningDiT, swiglu_hidden_size
+from dit_jax.model import RELEASED_FLAGS, LightningDiT, lightningdit_kwargs, swiglu_hidden_size
 from torchport import (
     Rule,
+    abstract_variables,
     conv_to_flax,
     conv_to_torch,
     linear_to_flax,
@@ -38,6 +39,11 @@ from torchport import (
 
 # Keys a LightningDiT training checkpoint may wrap the weights in, in order of preference.
 DEFAULT_SELECT = ("ema", "model", "state_dict")
+
+
+def default_model() -> LightningDiT:
+    """The released checkpoints' model: LightningDiT-XL/1 on 16x16x32 VA-VAE latents."""
+    return LightningDiT(**lightningdit_kwargs("LightningDiT-XL/1", **RELEASED_FLAGS))
 
 
 def _split_linear(chunks: tuple[int, ...]) -> tuple[Any, Any]:
@@ -68,8 +74,9 @@ def _merged_linear(in_chunks: tuple[int, ...]) -> tuple[Any, Any]:
     return w_to_flax, w_to_torch
 
 
-def conversion_rules(model: LightningDiT) -> list[Rule]:
+def torch_rules(model: LightningDiT | None = None) -> list[Rule]:
     """One rule per upstream state-dict entry, in upstream registration order."""
+    model = default_model() if model is None else model
     d, h = model.hidden_size, model.num_heads
     hd = d // h
     rules: list[Rule] = []
@@ -130,55 +137,55 @@ def conversion_rules(model: LightningDiT) -> list[Rule]:
     return rules
 
 
-def abstract_params(model: LightningDiT) -> dict:
+def abstract_params(model: LightningDiT | None = None) -> dict:
     """Flax parameter shapes (ShapeDtypeStructs, unboxed) without allocating anything."""
+    model = default_model() if model is None else model
     s = model.input_size
     x = jax.ShapeDtypeStruct((1, s, s, model.in_channels), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     y = jax.ShapeDtypeStruct((1,), jnp.int32)
-    variables = jax.eval_shape(model.init, jax.random.key(0), x, t, y)
-    return nn.meta.unbox(variables["params"])
+    return abstract_variables(model, x, t, y)
 
 
 def params_from_torch(
     source: str | os.PathLike | Mapping[str, Any],
+    model: LightningDiT | None = None,
     *,
     select: Sequence[str] = DEFAULT_SELECT,
-    **model_kwargs,
 ) -> dict:
     """Upstream state dict (file or mapping of numpy arrays / torch tensors) -> Flax params.
 
-    `model_kwargs` are `LightningDiT` constructor arguments describing the checkpoint.
-    Raises `torchport.ConversionError` listing every missing, unexpected or mis-shaped key.
+    `model` describes the checkpoint (default: `default_model()`); `select`: which sub-dict of
+    a training checkpoint to read, first present wins. Raises `torchport.ConversionError`
+    listing every missing, unexpected or mis-shaped key.
     """
-    model = LightningDiT(**model_kwargs)
+    model = default_model() if model is None else model
     state_dict = load_state_dict(source, select=select)
-    shapes = traverse_util.flatten_dict(abstract_params(model))
-    name = source_name(source)
-    params = to_flax(state_dict, conversion_rules(model), shapes, what=_describe(model),
-                     source=name)
-    return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    params = to_flax(state_dict, torch_rules(model), abstract_params(model),
+                     what=_describe(model), source=source_name(source))
+    return jax.tree.map(lambda a: np.asarray(a, model.param_dtype), params)
 
 
-def params_to_torch(params: Mapping, **model_kwargs) -> dict[str, np.ndarray]:
+def params_to_torch(params: Mapping, model: LightningDiT | None = None) -> dict[str, np.ndarray]:
     """Flax params -> upstream state dict (numpy, upstream key order, incl. pos_embed / RoPE)."""
-    model = LightningDiT(**model_kwargs)
-    return to_torch(nn.meta.unbox(params), conversion_rules(model), what=_describe(model))
+    model = default_model() if model is None else model
+    return to_torch(nn.meta.unbox(params), torch_rules(model), what=_describe(model))
 
 
-def save_torch_checkpoint(path: str | os.PathLike, params: Mapping, *, ema_params=None,
-                          **model_kwargs) -> None:
-    """Write a `.pt` upstream inference.py / train.py can read (``{'model', 'ema'}``) or a flat
-    `.safetensors` of `params`."""
-    model_sd = params_to_torch(params, **model_kwargs)
+def save_torch_checkpoint(path: str | os.PathLike, params: Mapping,
+                          model: LightningDiT | None = None, *, ema_params=None) -> None:
+    """Write a `.pt` upstream inference.py / train.py can read (``{'model', 'ema'}``; 'ema' is
+    `params` unless `ema_params` is given) or a flat `.safetensors` of `params`."""
+    model_sd = params_to_torch(params, model)
     if os.fspath(path).endswith(".safetensors"):
         save_state_dict(path, model_sd)
         return
     import torch
 
-    to_t = lambda sd: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
-    ema_sd = params_to_torch(ema_params, **model_kwargs) if ema_params is not None else model_sd
-    torch.save({"model": to_t(model_sd), "ema": to_t(ema_sd)}, os.fspath(path))
+    to_t = lambda sd: {k: torch.from_numpy(np.array(v, order="C")) for k, v in sd.items()}
+    model_t = to_t(model_sd)
+    ema_t = to_t(params_to_torch(ema_params, model)) if ema_params is not None else model_t
+    torch.save({"model": model_t, "ema": ema_t}, os.fspath(path))
 
 
 def _describe(model: LightningDiT) -> str:

@@ -1,103 +1,187 @@
-"""Convert checkpoints between upstream PyTorch files and orbax params directories.
+"""Convert weights between upstream PyTorch files and JAX, for every model in `launch.converters`.
 
     python -m launch.convert dit --config configs/lightningdit.py:xl1_800ep \
         --input lightningdit-xl-imagenet256-800ep.pt --output runs/xl800_params
-    python -m launch.convert dit --config configs/lightningdit.py:xl1_800ep \
-        --input runs/xl800_params --output exported.pt      # or exported.safetensors
+    python -m launch.convert dit --input runs/xl1 --output xl1_ema.pt       # a launch.train run
+    python -m launch.convert dit --input runs/xl1 --output xl1_raw.safetensors --raw
     python -m launch.convert vavae --config configs/vavae.py:long_stage3 \
         --input vavae-imagenet256-f16d32-dinov2.pt --output runs/vavae_params
+    python -m launch.convert vavae --input runs/vavae_s3 --output vavae.pt [--keep_vf_proj]
+    python -m launch.convert discriminator --input runs/vavae_s3 --output disc.pt
     python -m launch.convert dinov2 --config configs/vavae.py:long_stage3 \
         --input dinov2_vitl14_pretrain.pth --output runs/dinov2_params
+    python -m launch.convert lpips --input lpips_module.pth --output runs/lpips_params
+    python -m launch.convert inception --input pt_inception.pth --output runs/inception_params
+    python -m launch.convert latent_stats --input latents_stats.pt --output latents_stats.npz
 
-The direction follows the paths: a directory is an orbax params checkpoint, a `.pt` / `.pth` /
-`.ckpt` / `.safetensors` file is upstream's layout. The config describes the architecture.
+The direction follows the paths. JAX side: an orbax params directory, or a `launch.train`
+workdir (its latest checkpoint: the inference weights, e.g. the EMA; `--raw` for the trained
+ones), or an `.npz` for `latent_stats`. Upstream side: a `.pt` / `.pth` / `.ckpt` / `.bin` /
+`.safetensors` file (read with torch.load(weights_only=True): never runs pickled code).
+`--config` describes the model; without it, a run's own config, or upstream's released model.
+Mistakes (a missing input, an unknown name, a config that does not fit the weights, an
+existing output without `--overwrite`) end in one `error:` line and exit status 1.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
-from absl import app, flags, logging
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+from flax import traverse_util
 from ml_collections import config_flags
 
-from launch import params_io
-from torchport import save_state_dict
+from launch import cli, converters, params_io
+from launch.cli import UserError
+from launch.converters import Options
+from torchport import TORCH_SUFFIXES, ConversionError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config (path:variant).",
-                                          lock_config=True)
-_INPUT = flags.DEFINE_string("input", None, "Checkpoint to read.", required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write.", required=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Model config (path:variant); default: a run's own config, else the "
+    "upstream model.", lock_config=True)
+_INPUT = flags.DEFINE_string("input", None, "Weights to read (file, params directory or run).",
+                             required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write (upstream file, .npz or a new "
+                              "params directory).", required=True)
+_RAW = flags.DEFINE_bool("raw", False, "Raw weights instead of the EMA (runs, upstream "
+                         "training checkpoints).")
 _KEEP_VF_PROJ = flags.DEFINE_bool(
     "keep_vf_proj", False, "vavae: keep the VF projection `linear_proj` (needed to resume "
     "training; inference drops it).")
-_LAYOUT = flags.DEFINE_enum("layout", "timm", ["timm", "torch_hub", "hf", "hf_legacy"],
-                            "dinov2: key layout written when exporting to PyTorch.")
+_LAYOUT = flags.DEFINE_enum("layout", None, ["timm", "torch_hub", "hf", "hf_legacy"],
+                            "dinov2: key layout (reading: detected; writing: timm).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
 
-TORCH_FORMATS = (".pt", ".pth", ".ckpt", ".safetensors")
-
-
-def _dit(config):
-    from dit_jax.convert import abstract_params, params_from_torch, save_torch_checkpoint
-    from dit_jax.model import LightningDiT
-    from launch.build import dit_architecture
-
-    kwargs = dit_architecture(config)
-    return (abstract_params(LightningDiT(**kwargs)),
-            lambda path: params_from_torch(path, **kwargs),
-            lambda path, params: save_torch_checkpoint(path, params, **kwargs))
+UPSTREAM_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors")
+CONFIG_FILES = {"lightningdit": "configs/lightningdit.py", "vavae": "configs/vavae.py"}
+_MAX_LISTED = 8
 
 
-def _vavae(config):
-    from launch.build import autoencoder
-    from vavae_jax.convert import abstract_params, params_from_torch, params_to_torch
-
-    use_vf = 1024 if _KEEP_VF_PROJ.value else None  # DINOv2 ViT-L/14 width
-    model = autoencoder(config, use_vf)
-
-    def write(path, params):
-        save_state_dict(path, params_to_torch(params, model=model))
-
-    return (abstract_params(model),
-            lambda path: params_from_torch(path, model=model, keep_vf_proj=_KEEP_VF_PROJ.value),
-            write)
+def _side(conv: converters.Converter, path: str, flag: str) -> str:
+    """'torch' (an upstream file) or 'jax' (an orbax directory or a native file)."""
+    if conv.native_suffix and path.endswith(conv.native_suffix):
+        return "jax"
+    if path.endswith(UPSTREAM_SUFFIXES) or (flag == "--input" and path.endswith(".npz")):
+        return "torch"
+    if flag == "--output" or os.path.isdir(path):
+        return "jax"
+    raise UserError(f"{flag} {path}: expected an upstream file ({', '.join(UPSTREAM_SUFFIXES)})"
+                    ", an orbax params directory or a launch.train workdir")
 
 
-def _dinov2(config):
-    import jax
-    from flax import linen as nn
-
-    from vavae_jax.dinov2 import dinov2_model
-    from vavae_jax.dinov2_convert import params_from_torch, params_to_torch
-
-    model = dinov2_model(config.foundation.size, **config.foundation.overrides)
-    x = jax.ShapeDtypeStruct((1, 14 * 16, 14 * 16, 3), "float32")
-    abstract = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), x)["params"])
-
-    def write(path, params):
-        save_state_dict(path, params_to_torch(params, layout=_LAYOUT.value))
-
-    return abstract, lambda path: params_from_torch(path, model), write
+def _check_config(conv: converters.Converter, config) -> None:
+    if config is None:
+        return
+    if not conv.families:
+        raise UserError(f"`{conv.name}` takes no --config (its model has one configuration)")
+    family = config.get("family")
+    if family not in conv.families:
+        wanted = " or ".join(CONFIG_FILES[f] for f in conv.families)
+        raise UserError(f"`{conv.name}` needs a config of {wanted}; --config is a "
+                        f"{family!r} config")
 
 
-MODELS = {"dit": _dit, "vavae": _vavae, "dinov2": _dinov2}
+def _check_tree(tree, abstract, where: str) -> None:
+    """Raise a `UserError` naming the paths where `tree` and the model's shapes differ."""
+    got = {"/".join(k): np.shape(v) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+    want = {"/".join(k): tuple(v.shape)
+            for k, v in traverse_util.flatten_dict(dict(abstract)).items()}
+    problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+    problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+    problems += [f"{k}: {got[k]}, expected {want[k]}" for k in sorted(set(got) & set(want))
+                 if tuple(got[k]) != want[k]]
+    if problems:
+        shown = "; ".join(problems[:_MAX_LISTED])
+        more = f"; ... {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise UserError(f"the weights in {where} do not fit the configured model ({shown}{more})"
+                        "; pass the --config (and options) they were made with")
+
+
+def _read_jax(conv: converters.Converter, path: str):
+    if conv.native_suffix and path.endswith(conv.native_suffix):
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    try:
+        return params_io.restore_params(path, None)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"--input {path} is not an orbax params directory or a launch.train "
+                        f"workdir ({type(e).__name__}: {str(e)[:300]})") from e
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def convert(name: str, src: str, dst: str, *, config: ml_collections.ConfigDict | None = None,
+            options: Options | None = None, overwrite: bool = False) -> dict:
+    """Convert `src` into `dst` with the converter `name`; returns a summary.
+
+    Raises `UserError` for every mistake the user can fix (see the module docstring)."""
+    conv = converters.get(name)
+    options = options or Options()
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not os.path.exists(src):
+        raise UserError(f"--input {src} does not exist")
+    if os.path.exists(dst) and not overwrite:
+        raise UserError(f"--output {dst} exists (pass --overwrite to replace it)")
+    step_dir = params_io.latest_checkpoint(src) if os.path.isdir(src) else None
+    src_side = "run" if step_dir else _side(conv, src, "--input")
+    dst_side = _side(conv, dst, "--output")
+    if src_side != "torch" and dst_side != "torch":
+        raise UserError(f"--input {src} and --output {dst} are both on the JAX side; one of "
+                        f"them must be an upstream file ({', '.join(UPSTREAM_SUFFIXES)})")
+    if step_dir is not None:
+        with_runs = [c.name for c in converters.CONVERTERS.values() if c.from_run]
+        if conv.from_run is None:
+            raise UserError(f"a launch.train run does not hold `{name}` weights (runs export: "
+                            f"{', '.join(with_runs)})")
+        run_config = params_io.run_config(step_dir)
+        if run_config.get("family") not in conv.families:
+            raise UserError(f"{src} is a {run_config.get('family')!r} run; `{name}` exports "
+                            f"from {' or '.join(conv.families)} runs")
+        if config is None:
+            config = ml_collections.ConfigDict(run_config)
+    _check_config(conv, config)
+    model = conv.build(config, options)
+    try:
+        if src_side == "torch":
+            tree = conv.read_torch(src, model, options)
+        else:
+            tree = conv.from_run(step_dir, options) if step_dir else _read_jax(conv, src)
+            if step_dir or os.path.isdir(src):
+                _check_tree(tree, conv.abstract(model), src)
+        if os.path.exists(dst):
+            _remove(dst)
+        if dst_side == "torch":
+            conv.write_torch(dst, tree, model, options)
+        elif conv.native_suffix and dst.endswith(conv.native_suffix):
+            converters.save_npz(dst, tree)
+        else:
+            params_io.save_params(dst, tree)
+    except (ConversionError, ValueError) as e:  # the weights do not fit, unreadable files
+        raise UserError(str(e)) from e
+    leaves = jax.tree.leaves(tree)
+    return {"converter": name, "input": src, "output": dst, "arrays": len(leaves),
+            "values": int(sum(np.size(x) for x in leaves))}
 
 
 def main(argv):
-    if len(argv) != 2 or argv[1] not in MODELS:
-        raise app.UsageError(f"usage: python -m launch.convert {{{'|'.join(MODELS)}}} "
-                             "--config ... --input ... --output ...")
-    abstract, read_torch, write_torch = MODELS[argv[1]](_CONFIG.value)
-    src, dst = _INPUT.value, _OUTPUT.value
-    if os.path.isdir(src):  # an orbax params directory or a training run's workdir
-        params = params_io.restore_params(params_io.resolve_params_dir(src), abstract)
-    else:
-        params = read_torch(src)
-    if dst.endswith(TORCH_FORMATS):
-        write_torch(dst, params)
-    else:
-        params_io.save_params(dst, params)
-    logging.info("converted %s -> %s", src, dst)
+    if len(argv) != 2:
+        raise UserError(f"usage: python -m launch.convert {{{'|'.join(converters.CONVERTERS)}}} "
+                        "--input ... --output ... [--config ...]")
+    options = Options(raw=_RAW.value, keep_vf_proj=_KEEP_VF_PROJ.value, layout=_LAYOUT.value)
+    summary = convert(argv[1], _INPUT.value, _OUTPUT.value, config=_CONFIG.value,
+                      options=options, overwrite=_OVERWRITE.value)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -39,23 +39,54 @@ def restore_params(path: str | os.PathLike, abstract, shardings=None):
         return ckptr.restore(path, abstract)
 
 
+def latest_checkpoint(workdir: str | os.PathLike) -> str | None:
+    """`<workdir>/checkpoints/<latest step>` of a `launch.train` run; None when `workdir` is not
+    a run (has no `checkpoints/`)."""
+    checkpoints = os.path.join(os.fspath(workdir), "checkpoints")
+    if not os.path.isdir(checkpoints):
+        return None
+    steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"{checkpoints} holds no finished checkpoint")
+    return os.path.join(checkpoints, str(steps[-1]))
+
+
 def resolve_params_dir(path: str | os.PathLike) -> str:
     """A training run's workdir -> its latest checkpoint's `params` item; other paths as given.
 
     Training runs keep orbax checkpoints in `<workdir>/checkpoints/<step>/`, whose `params`
     item holds the weights used for inference."""
-    path = os.fspath(path)
-    checkpoints = os.path.join(path, "checkpoints")
-    if not os.path.isdir(checkpoints):
-        return path
-    steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
-    if not steps:
-        raise FileNotFoundError(f"{checkpoints} holds no finished checkpoint")
-    params = os.path.join(checkpoints, str(steps[-1]), "params")
+    step_dir = latest_checkpoint(path)
+    if step_dir is None:
+        return os.fspath(path)
+    params = os.path.join(step_dir, "params")
     if not os.path.isdir(params):
         raise FileNotFoundError(f"{params} does not exist: the latest checkpoint of the run "
-                                f"{path} has no params item")
+                                f"{os.fspath(path)} has no params item")
     return params
+
+
+def restore_state_entries(step_dir: str | os.PathLike, names: Sequence[str]) -> dict:
+    """Top-level entries of a run checkpoint's `state` item (e.g. ``("params",)``), read alone
+    (the optimiser state stays on disk), on one device."""
+    path = os.path.abspath(os.path.join(os.fspath(step_dir), "state"))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.PyTreeCheckpointer() as ckptr:
+        stored = ckptr.metadata(path).item_metadata
+        missing = [n for n in names if n not in stored]
+        if missing:
+            raise FileNotFoundError(f"{path} holds no {missing} (it has {sorted(stored)})")
+        abstract = {n: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored[n])
+                    for n in names}
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=one), abstract)
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=restore_args, partial_restore=True))
+
+
+def run_config(step_dir: str | os.PathLike) -> dict:
+    """The config (as a dict) saved with a run checkpoint."""
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        return ckptr.restore(os.path.abspath(os.path.join(os.fspath(step_dir), "config")))
 
 
 def load_params(path: str | os.PathLike, *, abstract, from_torch: Callable[[str], dict],

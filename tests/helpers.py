@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -108,3 +109,16 @@ def run_processes(argv: list[str], num_processes: int = 2, devices_per_process: 
         assert proc.returncode == 0, f"process {i}: {err[-3000:]}"
         outputs.append(out)
     return outputs
+
+
+def manifest_pattern(key: str) -> str:
+    """Upstream key with its block / level indices replaced by '#'."""
+    return re.sub(r"\b(blocks|down|up|block|attn)\.\d+", r"\1.#", key)
+
+
+def assert_manifest_names(state_dict, entries, prefix=""):
+    """The manifest's key names (indices aside) and dtypes, for a model of another size."""
+    want = {manifest_pattern(e["key"][len(prefix):]): e["dtype"] for e in entries
+            if e["key"].startswith(prefix)}
+    got = {manifest_pattern(k): str(v.dtype).removeprefix("torch.") for k, v in state_dict.items()}
+    assert got == want

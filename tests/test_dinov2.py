@@ -17,7 +17,12 @@ from vavae_jax.dinov2 import (
     preprocess,
     resample_pos_embed,
 )
-from vavae_jax.dinov2_convert import detect_layout, params_from_torch, params_to_torch
+from vavae_jax.dinov2_convert import (
+    abstract_params,
+    detect_layout,
+    params_from_torch,
+    params_to_torch,
+)
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 TINY = dict(embed_dim=32, depth=2, num_heads=2)  # the goldens' timm vit_large_patch14_dinov2 args
@@ -167,8 +172,8 @@ def test_imagenet_norm_option():
 
 
 def test_timm_round_trip(timm_case):
-    g, _, params = timm_case
-    back = params_to_torch(params, "timm")
+    g, model, params = timm_case
+    back = params_to_torch(params, model, layout="timm")
     assert list(back) == list(g.params)
     for key, value in g.params.items():
         np.testing.assert_array_equal(back[key], value, err_msg=key)
@@ -177,7 +182,7 @@ def test_timm_round_trip(timm_case):
 def test_hf_round_trips(golden, timm_case):
     h = golden("dinov2_hf_tiny")
     _, model, params = timm_case
-    back = params_to_torch(params, "hf")
+    back = params_to_torch(params, model, layout="hf")
     assert list(back) == list(h.params)  # incl. the zero embeddings.mask_token
     for key, value in h.params.items():
         np.testing.assert_array_equal(back[key], value, err_msg=key)
@@ -187,7 +192,7 @@ def test_hf_round_trips(golden, timm_case):
     assert detect_layout(legacy) == "hf_legacy"
     loaded = params_from_torch(legacy, model)
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
-    back = params_to_torch(params, "hf_legacy")
+    back = params_to_torch(params, model, layout="hf_legacy")
     assert list(back) == list(legacy)
     for key, value in legacy.items():
         np.testing.assert_array_equal(back[key], value, err_msg=key)
@@ -199,7 +204,7 @@ def test_torch_hub_and_vavae_checkpoint_names(timm_case):
     assert detect_layout(hub) == "torch_hub"
     jax.tree.map(np.testing.assert_array_equal, params_from_torch(hub, model), params)
 
-    exported = params_to_torch(params, "torch_hub")
+    exported = params_to_torch(params, model, layout="torch_hub")
     assert list(exported) == ["cls_token", "pos_embed", "mask_token"] + list(g.params)[2:]
     assert not np.any(exported["mask_token"])
 
@@ -237,13 +242,13 @@ def test_registers_timm_and_hub_layouts():
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), x)["params"])
     params["pos_embed"] = params["pos_embed"] + 0.5  # make the CLS slot matter
 
-    hub = params_to_torch(params, "torch_hub")
+    hub = params_to_torch(params, model, layout="torch_hub")
     assert hub["register_tokens"].shape == (1, 2, 32) and hub["pos_embed"].shape == (1, 17, 32)
     timm_sd = {k: v for k, v in hub.items() if k not in ("mask_token", "register_tokens")}
     timm_sd["reg_token"] = hub["register_tokens"]
     timm_sd["cls_token"] = hub["cls_token"] + hub["pos_embed"][:, :1]
     timm_sd["pos_embed"] = hub["pos_embed"][:, 1:]
-    exported = params_to_torch(params, "timm")
+    exported = params_to_torch(params, model, layout="timm")
     assert sorted(exported) == sorted(timm_sd)
     for key, value in timm_sd.items():
         np.testing.assert_allclose(exported[key], value, atol=0, rtol=0, err_msg=key)
@@ -259,33 +264,30 @@ def test_vit_l_manifest(manifest):
     """Abstract ViT-L/14 export = the timm state dict of vit_large_patch14_dinov2, key for key."""
     m = manifest("DINOv2_ViT_L14_timm")
     model = dinov2_model("L")
-    abstract = jax.eval_shape(
-        model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 14, 14, 3), jnp.float32)
-    )
-    shapes = params_to_torch(abstract["params"], "timm")
+    abstract = abstract_params(model)
+    shapes = params_to_torch(abstract, model, layout="timm")
     assert [(k, list(v.shape)) for k, v in shapes.items()] == [
         (e["key"], e["shape"]) for e in m["state_dict"]
     ]
     total = sum(int(np.prod(v.shape)) for v in shapes.values())
     assert total == m["num_parameters"] == 304_367_616
 
-    hub = params_to_torch(abstract["params"], "torch_hub")  # + mask_token (1, 1024)
+    hub = params_to_torch(abstract, model, layout="torch_hub")  # + mask_token (1, 1024)
     assert set(hub) - set(shapes) == {"mask_token"} and hub["mask_token"].shape == (1, 1024)
 
 
 def test_vit_g_swiglu_layout():
     """ViT-g/14: SwiGLU FFN w12 (2 x 4096, 1536) / w3 (1536, 4096) as the official dinov2_vitg14."""
     model = dinov2_model("g")
-    abstract = jax.eval_shape(
-        model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 14, 14, 3), jnp.float32)
-    )
-    hub = params_to_torch(abstract["params"], "torch_hub")
+    abstract = abstract_params(model)
+    hub = params_to_torch(abstract, model, layout="torch_hub")
     assert hub["blocks.39.mlp.w12.weight"].shape == (8192, 1536)
     assert hub["blocks.39.mlp.w3.weight"].shape == (1536, 4096)
     # Parameter count of the official ViT-g/14 module (incl. mask_token).
     assert sum(int(np.prod(v.shape)) for v in hub.values()) == 1_136_480_768
-    assert "blocks.0.mlp.fc1.weight" in params_to_torch(abstract["params"], "timm")
-    assert "encoder.layer.0.mlp.weights_in.weight" in params_to_torch(abstract["params"], "hf")
+    assert "blocks.0.mlp.fc1.weight" in params_to_torch(abstract, model, layout="timm")
+    assert "encoder.layer.0.mlp.weights_in.weight" in params_to_torch(abstract, model,
+                                                                      layout="hf")
 
 
 def test_bfloat16_compute_and_sharding(timm_case, features_fn):

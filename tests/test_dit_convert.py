@@ -2,7 +2,6 @@
 
 import functools
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -24,13 +23,13 @@ ROUND_TRIP_CASES = ["dit_p1_qknorm0", "dit_p1_woshift_qknorm1", "dit_p2_plain_qk
 @functools.cache
 def _case(golden, case):
     g = golden(case)
-    return g.params, g.meta["config"]
+    return g.params, LightningDiT(**g.meta["config"])
 
 
 @pytest.mark.parametrize("case", ROUND_TRIP_CASES)
 def test_round_trip_is_identity(golden, case):
-    sd, cfg = _case(golden, case)
-    back = params_to_torch(params_from_torch(sd, **cfg), **cfg)
+    sd, model = _case(golden, case)
+    back = params_to_torch(params_from_torch(sd, model), model)
     assert list(back) == list(sd)  # same keys, upstream registration order
     for key, value in sd.items():
         assert back[key].shape == value.shape and back[key].dtype == np.float32, key
@@ -46,44 +45,41 @@ def test_round_trip_is_identity(golden, case):
 def test_export_matches_upstream_manifest(manifest, variant, name):
     """params_to_torch of a fresh model = upstream state_dict, key for key (shapes, order)."""
     m = manifest(name)
-    kwargs = lightningdit_kwargs(variant, **RELEASED_FLAGS)
-    # Zero arrays with the abstract shapes: nothing is initialised, only layouts are checked.
-    model = LightningDiT(**kwargs)
-    shapes = abstract_params(model)
-    zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
-    sd = params_to_torch(zeros, **kwargs)
+    model = LightningDiT(**lightningdit_kwargs(variant, **RELEASED_FLAGS))
+    # The abstract tree: nothing is initialised or allocated, only layouts are checked.
+    sd = params_to_torch(abstract_params(model), model)
     expected = [(e["key"], tuple(e["shape"]), e["dtype"]) for e in m["state_dict"]]
     assert [(k, v.shape, str(v.dtype)) for k, v in sd.items()] == expected
-    n_params = sum(v.size for k, v in sd.items() if not k.startswith("feat_rope"))
+    n_params = sum(int(np.prod(v.shape)) for k, v in sd.items() if not k.startswith("feat_rope"))
     assert n_params == m["num_parameters"]
 
 
 def test_training_checkpoint_formats(golden, tmp_path):
     """.pt with {'model','ema','opt','config'} (ema chosen), module. prefixes, .safetensors."""
-    sd, cfg = _case(golden, MAIN)
+    sd, model = _case(golden, MAIN)
     tensors = {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
     ema = {k: v + 1.0 for k, v in tensors.items() if k != "pos_embed" and "rope" not in k}
     ema.update({k: tensors[k] for k in tensors if k == "pos_embed" or "rope" in k})
     ckpt = tmp_path / "0080000.pt"
     torch.save({"model": {"module." + k: v for k, v in tensors.items()}, "ema": ema,
                 "opt": {"state": {}}, "config": {"lr": 2e-4}}, ckpt)
-    got_ema = params_from_torch(ckpt, **cfg)
-    got_model = params_from_torch(ckpt, select=("model",), **cfg)
-    ref = params_from_torch(sd, **cfg)
+    got_ema = params_from_torch(ckpt, model)
+    got_model = params_from_torch(ckpt, model, select=("model",))
+    ref = params_from_torch(sd, model)
     np.testing.assert_array_equal(got_model["x_embedder"]["bias"], ref["x_embedder"]["bias"])
     np.testing.assert_array_equal(got_ema["x_embedder"]["bias"], ref["x_embedder"]["bias"] + 1)
 
     st = tmp_path / "model.safetensors"
     save_state_dict(st, sd)
-    np.testing.assert_array_equal(params_from_torch(st, **cfg)["final_layer"]["linear"]["kernel"],
+    np.testing.assert_array_equal(params_from_torch(st, model)["final_layer"]["linear"]["kernel"],
                                   ref["final_layer"]["linear"]["kernel"])
 
 
 def test_save_torch_checkpoint_loads_back(golden, tmp_path):
-    sd, cfg = _case(golden, MAIN)
-    params = params_from_torch(sd, **cfg)
+    sd, model = _case(golden, MAIN)
+    params = params_from_torch(sd, model)
     path = tmp_path / "export.pt"
-    save_torch_checkpoint(path, params, **cfg)
+    save_torch_checkpoint(path, params, model)
     raw = torch.load(path, weights_only=True)
     assert set(raw) == {"model", "ema"}
     assert list(raw["ema"]) == list(sd)
@@ -92,14 +88,14 @@ def test_save_torch_checkpoint_loads_back(golden, tmp_path):
 
 
 def test_errors_list_every_bad_key(golden):
-    sd, cfg = _case(golden, MAIN)
+    sd, model = _case(golden, MAIN)
     bad = dict(sd)
     del bad["blocks.0.attn.proj.bias"]
     bad["blocks.0.attn.qkv.weight"] = np.zeros((191, 64), np.float32)
     bad["blocks.7.unknown.weight"] = np.zeros(3, np.float32)
     bad["pos_embed"] = sd["pos_embed"] + 0.5
     with pytest.raises(ConversionError) as e:
-        params_from_torch(bad, **cfg)
+        params_from_torch(bad, model)
     msg = str(e.value)
     assert "missing keys (1)" in msg and "blocks.0.attn.proj.bias" in msg
     assert "unexpected keys (1)" in msg and "blocks.7.unknown.weight" in msg
@@ -109,9 +105,9 @@ def test_errors_list_every_bad_key(golden):
 
 def test_wrong_architecture_is_reported(golden):
     """Loading with the wrong flags names what differs instead of failing deep inside."""
-    sd, cfg = _case(golden, MAIN)
+    sd, model = _case(golden, MAIN)
     with pytest.raises(ConversionError, match=r"(?s)missing keys.*mlp\.fc1\.weight.*unexpected "
                                               r"keys.*mlp\.w12\.weight"):
-        params_from_torch(sd, **{**cfg, "use_swiglu": False})
+        params_from_torch(sd, model.clone(use_swiglu=False))
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        params_from_torch("nope.pt", **cfg)
+        params_from_torch("nope.pt", model)

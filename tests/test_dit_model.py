@@ -27,7 +27,7 @@ CFG_CASES = ["cfg_interval_active", "cfg_interval_skipped", "cfg_no_interval"]
 def _model_and_params(golden, case):
     g = golden(case)
     cfg = g.meta["config"]
-    return g, LightningDiT(**cfg), params_from_torch(g.params, **cfg)
+    return g, LightningDiT(**cfg), params_from_torch(g.params, LightningDiT(**cfg))
 
 
 @pytest.mark.parametrize("case", DIT_CASES)

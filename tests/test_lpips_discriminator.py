@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from torchport import ConversionError
+from torchport import ConversionError, save_state_dict
 from vavae_jax import discriminator as disc
 from vavae_jax import gan, lpips
 
@@ -93,7 +93,7 @@ def test_lpips_round_trips(lpips_golden, lpips_params):
     assert_same_tree(lpips.params_from_torch(lpips.params_to_torch(lpips_params)), lpips_params)
 
 
-def test_lpips_two_file_route(lpips_golden, lpips_params):
+def test_lpips_two_file_route(lpips_golden, lpips_params, tmp_path):
     """torchvision vgg16 + LPIPS vgg.pth give the same params as the module state dict."""
     _, state_dict = lpips_golden
     vgg16 = {}
@@ -107,8 +107,10 @@ def test_lpips_two_file_route(lpips_golden, lpips_params):
     assert_same_tree(lpips.params_from_torchvision(vgg16, heads), lpips_params)
 
     del vgg16["features.28.bias"]
+    save_state_dict(tmp_path / "my_vgg16.pth", vgg16)
+    save_state_dict(tmp_path / "vgg.pth", heads)
     with pytest.raises(ConversionError, match=r"(?s)my_vgg16\.pth.*features\.28\.bias"):
-        lpips.params_from_torchvision(vgg16, heads, sources=("my_vgg16.pth", "vgg.pth"))
+        lpips.params_from_torchvision(tmp_path / "my_vgg16.pth", tmp_path / "vgg.pth")
 
 
 def test_lpips_training_checkpoint_prefix(lpips_golden, lpips_params):
@@ -123,15 +125,16 @@ def test_lpips_training_checkpoint_prefix(lpips_golden, lpips_params):
     assert_same_tree(lpips.params_from_torch(checkpoint), lpips_params)
 
 
-def test_lpips_bad_keys(lpips_golden):
+def test_lpips_bad_keys(lpips_golden, tmp_path):
     _, good = lpips_golden
     bad = dict(good)
     del bad["net.slice3.12.weight"]
     bad["net.slice6.30.weight"] = np.zeros((3,), np.float32)
     bad["lin2.model.1.weight"] = np.zeros((1, 128, 1, 1), np.float32)
     bad["scaling_layer.shift"] = good["scaling_layer.shift"] + 0.1
+    save_state_dict(tmp_path / "bad.pth", bad)
     with pytest.raises(ConversionError) as info:
-        lpips.params_from_torch(bad, source="bad.pth")
+        lpips.params_from_torch(tmp_path / "bad.pth")
     msg = str(info.value)
     for expected in (
         "bad.pth",
@@ -152,7 +155,7 @@ def test_lpips_bad_keys(lpips_golden):
 
 def test_discriminator_matches_golden(golden):
     g = golden("discriminator_tiny")
-    variables = disc.variables_from_torch(g.params, TINY_D)
+    variables = disc.params_from_torch(g.params, TINY_D)
     x = nhwc(g["x"])
 
     logits, updates = d_train_fn(variables, x)
@@ -160,7 +163,7 @@ def test_discriminator_matches_golden(golden):
     assert_close("discriminator_tiny.logits_train_mode", nchw(logits), g["logits_train_mode"])
 
     after = {"params": variables["params"], **updates}
-    state = disc.variables_to_torch(after, TINY_D)
+    state = disc.params_to_torch(after, TINY_D)
     for key, want in g.group("state_after_train_forward").items():
         if key.endswith("num_batches_tracked"):
             assert state[key].dtype == np.int64 and state[key] == want == 1, key
@@ -183,18 +186,18 @@ def test_discriminator_matches_golden(golden):
 
 def test_discriminator_round_trips(golden):
     state_dict = golden("discriminator_tiny").params
-    variables = disc.variables_from_torch(state_dict, TINY_D)
+    variables = disc.params_from_torch(state_dict, TINY_D)
     assert variables["batch_stats"]["bn3"]["num_batches_tracked"].dtype == np.int32
-    assert_same_state_dict(disc.variables_to_torch(variables, TINY_D), state_dict)
+    assert_same_state_dict(disc.params_to_torch(variables, TINY_D), state_dict)
 
-    exported = disc.variables_to_torch(variables, TINY_D, prefix="loss.discriminator.")
-    assert_same_tree(disc.variables_from_torch(exported, TINY_D), variables)
+    exported = disc.params_to_torch(variables, TINY_D, prefix="loss.discriminator.")
+    assert_same_tree(disc.params_from_torch(exported, TINY_D), variables)
 
 
 def test_discriminator_and_gan_losses_in_vavae_training_step(golden):
     """Real-image logits of the full training-loss golden (256x256, keys under loss.*)."""
     g = golden("vavae_train_losses")
-    variables = disc.variables_from_torch(g.params, TINY_D)  # drops encoder.*, loss.logvar...
+    variables = disc.params_from_torch(g.params, TINY_D)  # drops encoder.*, loss.logvar...
     x = ((g["image_uint8"].astype(np.float32) / 255.0) - 0.5) / 0.5  # (B, H, W, 3) already
     logits_real, _ = d_train_fn(variables, jnp.asarray(x))
     assert logits_real.shape == (2, 30, 30, 1)
@@ -230,12 +233,12 @@ def test_discriminator_bad_keys(golden):
     del bad["main.9.running_var"]
     bad["main.12.weight"] = np.zeros((1,), np.float32)
     with pytest.raises(ConversionError) as info:
-        disc.variables_from_torch(bad, TINY_D)
+        disc.params_from_torch(bad, TINY_D)
     msg = str(info.value)
     assert "main.9.running_var" in msg and "main.12.weight" in msg
 
     with pytest.raises(ConversionError, match=r"main\.0\.weight: got \(8, 3, 4, 4\)"):
-        disc.variables_from_torch(good)  # tiny weights into the full-size (ndf=64) model
+        disc.params_from_torch(good)  # tiny weights into the full-size (ndf=64) model
 
 
 def test_discriminator_full_size_init_and_layout():
@@ -271,7 +274,7 @@ def test_discriminator_full_size_init_and_layout():
         np.testing.assert_array_equal(stats[name]["var"], 1.0)
         assert stats[name]["num_batches_tracked"] == 0
 
-    state_dict = disc.variables_to_torch(variables)
+    state_dict = disc.params_to_torch(variables)
     assert len(state_dict) == 22
     shapes = {k: v.shape for k, v in state_dict.items() if k.endswith("weight")}
     assert shapes == {
@@ -284,4 +287,4 @@ def test_discriminator_full_size_init_and_layout():
         "main.9.weight": (512,),
         "main.11.weight": (1, 512, 4, 4),
     }
-    assert_same_tree(disc.variables_from_torch(state_dict), variables)
+    assert_same_tree(disc.params_from_torch(state_dict), variables)

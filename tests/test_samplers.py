@@ -48,7 +48,7 @@ def _sampling_setup(golden):
     g = golden("transport_euler_sampling")
     base = golden(g.meta["model_case"])
     cfg = base.meta["config"]
-    return g, LightningDiT(**cfg), params_from_torch(base.params, **cfg)
+    return g, LightningDiT(**cfg), params_from_torch(base.params, LightningDiT(**cfg))
 
 
 @pytest.mark.parametrize("case", SAMPLING_CASES)

@@ -12,7 +12,7 @@ import torch
 from flax import traverse_util
 from helpers import PARITY
 
-from dit_jax import RELEASED_FLAGS, lightningdit_kwargs
+from dit_jax import RELEASED_FLAGS, LightningDiT, lightningdit_kwargs
 from dit_jax.convert import params_from_torch
 from dit_jax.train_step import make_optimizer
 from launch.training.torch_import import (
@@ -86,7 +86,7 @@ def _torch_run(sd: dict, weight_decay: float, steps: int = 3):
 
 def _flax(tensors: dict, sd: dict, cfg: dict) -> dict:
     """Torch-layout arrays of the trainable parameters -> a Flax tree (converter rules)."""
-    return params_from_torch({**{k: sd[k] for k in CONSTANTS}, **tensors}, **cfg)
+    return params_from_torch({**{k: sd[k] for k in CONSTANTS}, **tensors}, LightningDiT(**cfg))
 
 
 def _moments(model, opt, key: str) -> dict:

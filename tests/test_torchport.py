@@ -1,18 +1,23 @@
-"""State-dict I/O and rule-table conversion shared by both converters."""
+"""State-dict I/O, key prefixes, abstract variables and rule tables shared by the converters."""
 
+import jax
 import numpy as np
 import pytest
 import torch
+from flax import linen as nn
 
 from torchport import (
     ConversionError,
     Rule,
+    UnsafeCheckpointError,
+    abstract_variables,
     conv_to_flax,
     conv_to_torch,
     linear_to_flax,
     linear_to_torch,
     load_state_dict,
     save_state_dict,
+    strip_prefixes,
     to_flax,
     to_torch,
 )
@@ -104,3 +109,66 @@ def test_state_dict_errors(tmp_path):
         load_state_dict(tmp_path / "broken.pt")
     with pytest.raises(ValueError, match="no tensors found"):
         load_state_dict({"config": {"a": 1}}, select=("ema",))
+
+
+def test_strip_prefixes_contract():
+    sd = {"module._orig_mod.a": 1, "_orig_mod.module.loss.d.w": 2, "loss.d.b": 3}
+    assert strip_prefixes(sd) == {"a": 1, "loss.d.w": 2, "loss.d.b": 3}
+    # `under`: only the sub-module's entries, stripped, when there are any ...
+    assert strip_prefixes(sd, under="loss.d.") == {"w": 2, "b": 3}
+    # ... else everything (a bare sub-module state dict)
+    assert strip_prefixes({"w": 1}, under="loss.d.") == {"w": 1}
+    assert load_state_dict({"state_dict": {"module.loss.d.w": np.ones(2), "x": np.ones(1)}},
+                           select=("state_dict",), under="loss.d.").keys() == {"w"}
+
+
+class _Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = nn.Dense(3, kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("embed", "mlp")))(x)
+        return nn.BatchNorm(use_running_average=not train)(x)
+
+
+def test_abstract_variables_are_unboxed_shapes():
+    x = jax.ShapeDtypeStruct((1, 5), np.float32)
+    params = abstract_variables(_Net(), x, train=False)
+    assert params["Dense_0"]["kernel"] == jax.ShapeDtypeStruct((5, 3), np.float32)  # unboxed
+    both = abstract_variables(_Net(), x, collections=("params", "batch_stats"), train=False)
+    assert set(both) == {"params", "batch_stats"}
+    assert both["batch_stats"]["BatchNorm_0"]["mean"].shape == (3,)
+    # and the upstream shapes of an abstract tree, without allocating
+    shapes = to_torch({"lin": {"kernel": jax.ShapeDtypeStruct((2, 3), np.float32),
+                               "bias": jax.ShapeDtypeStruct((3,), np.float32)},
+                       "conv": {"kernel": jax.ShapeDtypeStruct((2, 1, 3, 4), np.float32)}},
+                      RULES, what="toy")
+    assert {k: v.shape for k, v in shapes.items()} == {k: v.shape for k, v in SD.items()}
+
+
+class _Payload:
+    """Unpickling this would run code (create a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickled_code_is_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.ones(2), "obj": _Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to unpickle .*evil\.pt: it holds "
+                                                     r"a Python object \(\S*open\)"):
+        load_state_dict(tmp_path / "evil.pt")
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="weights_only=True"):  # a ValueError for callers
+        load_state_dict(tmp_path / "evil.pt")
+
+
+def test_zero_dim_entries_stay_zero_dim(tmp_path):
+    sd = {"bn.num_batches_tracked": np.asarray(7, np.int64), "w": np.ones((2, 2), np.float32).T}
+    for suffix in (".pt", ".safetensors"):
+        save_state_dict(tmp_path / f"s{suffix}", sd)
+        got = load_state_dict(tmp_path / f"s{suffix}")
+        assert got["bn.num_batches_tracked"].shape == () and got["bn.num_batches_tracked"] == 7

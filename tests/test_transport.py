@@ -34,7 +34,7 @@ def _step_inputs(g, s):
 
 def test_path_and_loss_terms_match_upstream(golden):
     g, _, model, cfg, sd = _setup(golden)
-    params = params_from_torch(sd, **cfg)
+    params = params_from_torch(sd, LightningDiT(**cfg))
     for s in (0, 1):
         x1, y, x0, t = _step_inputs(g, s)
         xt, ut = interpolate(x0, x1, t)
@@ -55,7 +55,7 @@ def test_path_and_loss_terms_match_upstream(golden):
 
 def test_gradients_and_two_adamw_steps_match_upstream(golden):
     g, gg, model, cfg, sd = _setup(golden)
-    params = params_from_torch(sd, **cfg)
+    params = params_from_torch(sd, LightningDiT(**cfg))
     optimizer = make_optimizer(lr=2e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0)
     opt_state = optimizer.init(params)
 
@@ -72,12 +72,12 @@ def test_gradients_and_two_adamw_steps_match_upstream(golden):
         assert_close(terms["loss"], g.meta["losses"][s]["loss"], atol=0,
                      name=f"transport.step{s}.loss")
         if s == 0:
-            got = params_to_torch(grads, **cfg)
+            got = params_to_torch(grads, LightningDiT(**cfg))
             for key, want in gg.group("step0.grad").items():
                 scale = float(np.abs(want).max())
                 assert_close(np.asarray(got[key]) / scale, want / scale,
                              name=f"grad(relative).{key}")
-    got = params_to_torch(params, **cfg)
+    got = params_to_torch(params, LightningDiT(**cfg))
     for key, want in gg.group("params_after_2_adamw_steps").items():
         assert_close(got[key], want, name=f"adamw2.{key}")
 

@@ -17,7 +17,8 @@ from vavae_jax.autoencoder import AutoencoderKL
 from vavae_jax.convert import params_from_torch as ae_from_torch
 from vavae_jax.dinov2 import dinov2_model, foundation_features
 from vavae_jax.dinov2_convert import params_from_torch as dino_from_torch
-from vavae_jax.discriminator import NLayerDiscriminator, variables_from_torch
+from vavae_jax.discriminator import NLayerDiscriminator
+from vavae_jax.discriminator import params_from_torch as disc_from_torch
 from vavae_jax.distributions import DiagonalGaussian
 from vavae_jax.losses import reconstruction_nll, vf_loss, vf_loss_terms
 from vavae_jax.train_step import (
@@ -79,7 +80,7 @@ def _golden_setup(golden):
           "linear_proj.weight": g.params["linear_proj.weight"]}
     params = ae_from_torch({k: v.astype(np.float32) for k, v in sd.items()}, model=ae)
     disc = NLayerDiscriminator(ndf=8, n_layers=3)
-    disc_vars = variables_from_torch(
+    disc_vars = disc_from_torch(
         {k: v for k, v in g.params.items() if k.startswith("loss.discriminator.")}, disc)
     dino = dinov2_model("L", embed_dim=32, depth=2, num_heads=2)
     dino_params = dino_from_torch(golden("dinov2_timm_tiny").params, model=dino)

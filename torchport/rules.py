@@ -9,6 +9,9 @@ A converter describes a model as a list of rules:
 
 `to_flax` validates the whole state dict before converting anything and raises one
 `ConversionError` that lists every missing, unexpected, mis-shaped or mismatching key.
+`to_torch` of an abstract tree (ShapeDtypeStruct leaves) gives the upstream shapes without
+allocating: ``params_to_torch(abstract_params(model), model)`` is the layout check against a
+manifest of the upstream `state_dict()`.
 """
 
 from __future__ import annotations
@@ -63,6 +66,13 @@ def expected_torch_shapes(
     return out
 
 
+def _flat(tree: Mapping) -> Mapping[tuple[str, ...], Any]:
+    """A nested Flax tree, or one already flat (tuple keys), as ``{path: leaf}``."""
+    if tree and all(isinstance(k, tuple) for k in tree):
+        return tree
+    return traverse_util.flatten_dict(dict(tree))
+
+
 def _listing(title: str, items: list[str]) -> str:
     shown = items[:_MAX_LISTED]
     more = f"\n    ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
@@ -83,11 +93,13 @@ def to_flax(
     Args:
       state_dict: upstream key -> array (numpy or anything `np.asarray` accepts).
       rules: the model's conversion table.
-      flax_shapes: flat Flax path -> array or ShapeDtypeStruct, used to check the result.
+      flax_shapes: the expected Flax tree (nested, or flat by path) of arrays or
+        ShapeDtypeStructs, e.g. the converter's `abstract_params(model)`.
       what: model name for error messages.
       source: where the state dict came from (a file name), for error messages.
       ignore: predicate for keys that may be present and are dropped silently.
     """
+    flax_shapes = _flat(flax_shapes)
     by_key = {r.torch_key: r for r in rules}
     expected = expected_torch_shapes(rules, flax_shapes)
     present = {k for k in state_dict if not (ignore and ignore(k))}
@@ -133,18 +145,27 @@ def to_flax(
     return traverse_util.unflatten_dict(flat)
 
 
-def to_torch(params: Mapping, rules: list[Rule], *, what: str) -> dict[str, np.ndarray]:
-    """Convert a nested Flax tree into an upstream state dict (numpy arrays), in rule order."""
+def to_torch(params: Mapping, rules: list[Rule], *, what: str) -> dict[str, Any]:
+    """Convert a nested Flax tree into an upstream state dict (numpy arrays), in rule order.
+
+    A tree of ShapeDtypeStructs gives ShapeDtypeStructs (the upstream shapes, nothing computed).
+    """
     flat = traverse_util.flatten_dict(dict(params))
+    abstract = any(isinstance(v, jax.ShapeDtypeStruct) for v in flat.values())
     used = set()
     out = {}
     for rule in rules:
         if rule.constant is not None:
-            out[rule.torch_key] = np.asarray(rule.constant, np.float32)
+            c = np.asarray(rule.constant, np.float32)
+            out[rule.torch_key] = jax.ShapeDtypeStruct(c.shape, c.dtype) if abstract else c
             continue
         if rule.flax_path not in flat:
             raise ConversionError(f"{what}: Flax parameter {'/'.join(rule.flax_path)} is missing")
-        out[rule.torch_key] = np.asarray(rule.to_torch_fn(np.asarray(flat[rule.flax_path])))
+        leaf = flat[rule.flax_path]
+        if abstract:
+            out[rule.torch_key] = jax.eval_shape(rule.to_torch_fn, leaf)
+        else:
+            out[rule.torch_key] = np.asarray(rule.to_torch_fn(np.asarray(leaf)))
         used.add(rule.flax_path)
     leftover = sorted("/".join(p) for p in set(flat) - used)
     if leftover:

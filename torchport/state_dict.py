@@ -6,12 +6,18 @@ torch is imported lazily: only `.pt`-style files and torch tensors need it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+DEFAULT_WRAPPERS = ("module.", "_orig_mod.")  # DDP and torch.compile
+
+
+class UnsafeCheckpointError(ValueError):
+    """A `.pt` file that only a full unpickler (able to run code) could read."""
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -48,10 +54,20 @@ def read_checkpoint(path: str) -> Mapping[str, Any]:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     if path.endswith(TORCH_SUFFIXES):
+        import pickle
+
         import torch
 
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = found.group(1) if found else "not a tensor or plain container"
+            raise UnsafeCheckpointError(
+                f"refusing to unpickle {path}: it holds a Python object ({what}); checkpoints "
+                "are read with torch.load(weights_only=True), which never runs code from a "
+                "file. If you trust it, load it yourself with weights_only=False and re-save "
+                "its tensors as a plain dict or a .safetensors file") from e
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
             raise ValueError(
                 f"could not read {path} with torch.load(weights_only=True): {e}"
@@ -68,9 +84,18 @@ def source_name(source: Any) -> str:
 
 
 def strip_prefixes(
-    state_dict: Mapping[str, Any], prefixes: Sequence[str] = ("module.", "_orig_mod.")
+    state_dict: Mapping[str, Any],
+    prefixes: Sequence[str] = DEFAULT_WRAPPERS,
+    under: str | None = None,
 ) -> dict[str, Any]:
-    """Remove DDP / torch.compile wrappers' key prefixes (repeatedly, in any order)."""
+    """Normalise key names in two steps.
+
+    1. Remove wrapper `prefixes` from the start of every key, repeatedly and in any order
+       (``module._orig_mod.x`` -> ``x``).
+    2. With `under` (a sub-module's prefix, e.g. ``"loss.discriminator."``): when any key
+       starts with it, keep only those keys, with `under` removed; when none does, keep
+       everything (the state dict is taken to be the bare sub-module's already).
+    """
     out = {}
     for key, value in state_dict.items():
         stripped = True
@@ -80,11 +105,16 @@ def strip_prefixes(
                 if key.startswith(p):
                     key, stripped = key[len(p) :], True
         out[key] = value
+    if under and any(k.startswith(under) for k in out):
+        out = {k[len(under) :]: v for k, v in out.items() if k.startswith(under)}
     return out
 
 
 def load_state_dict(
-    source: str | os.PathLike | Mapping[str, Any], *, select: Sequence[str] = ()
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    select: Sequence[str] = (),
+    under: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Load a state dict from a file or a mapping, as ``{key: np.ndarray}``.
 
@@ -94,6 +124,7 @@ def load_state_dict(
       select: candidate top-level entries of a training checkpoint, tried in order; the first
         one that is present and is itself a mapping is used (e.g. ``("ema", "model")`` for
         LightningDiT checkpoints, ``("state_dict",)`` for Lightning checkpoints).
+      under: a sub-module's key prefix, see `strip_prefixes`.
 
     Non-array entries (optimizer state, configs, step counters) are dropped; `module.` and
     `_orig_mod.` prefixes are stripped.
@@ -113,7 +144,7 @@ def load_state_dict(
             f"{name}: no tensors found (top-level keys: {sorted(map(str, raw))[:20]}; "
             f"looked inside: {list(select)})"
         )
-    return strip_prefixes(arrays)
+    return strip_prefixes(arrays, under=under)
 
 
 def save_state_dict(
@@ -121,7 +152,8 @@ def save_state_dict(
 ) -> None:
     """Write ``{key: array}`` as `.safetensors` or a torch `.pt` (optionally ``{wrap_key: sd}``)."""
     path = os.fspath(path)
-    arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+    # np.asarray keeps 0-d entries (BatchNorm counters) 0-d; ascontiguousarray would not
+    arrays = {k: np.asarray(v, order="C") for k, v in state_dict.items()}
     if path.endswith(".safetensors"):
         if wrap_key is not None:
             raise ValueError("safetensors files are flat; wrap_key is only for .pt files")
@@ -133,5 +165,6 @@ def save_state_dict(
         raise ValueError(f"unsupported output format: {path} (use .pt or .safetensors)")
     import torch
 
-    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    tensors = {k: torch.from_numpy(v if v.flags.writeable else v.copy())
+               for k, v in arrays.items()}
     torch.save({wrap_key: tensors} if wrap_key else tensors, path)

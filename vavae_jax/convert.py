@@ -7,7 +7,8 @@ level layout the Flax modules use (`encoder_levels` / `decoder_levels`), e.g.
         <-> encoder/down_2/block_0/nin_shortcut/kernel (1, 1, in, out)
     decoder.up.4.attn.1.norm.weight (C,) <-> decoder/up_4/attn_1/norm/scale (C,)
 
-Checkpoints accepted by `params_from_torch` (SPEC 5.7 / 5.8):
+`model` defaults to upstream's f16d32 `AutoencoderKL()`. Checkpoints accepted by
+`params_from_torch` (SPEC 5.7 / 5.8):
 - the inference state dict (encoder.*, decoder.*, quant_conv.*, post_quant_conv.*);
 - a Lightning checkpoint of the training module, i.e. the same wrapped as ``{'state_dict': ...}``
   and/or with the training extras ``foundation_model.*`` and ``loss.*`` (always skipped) and
@@ -30,6 +31,7 @@ from flax import traverse_util
 from torchport import (
     ConversionError,
     Rule,
+    abstract_variables,
     conv_to_flax,
     conv_to_torch,
     load_state_dict,
@@ -108,9 +110,10 @@ def _levels(side: str, group: str, levels, resampler: str) -> list[Rule]:
     return rules
 
 
-def torch_rules(model: AutoencoderKL, *, vf_proj: bool | None = None) -> list[Rule]:
+def torch_rules(model: AutoencoderKL | None = None, *, vf_proj: bool | None = None) -> list[Rule]:
     """The conversion table of `model`; `linear_proj.weight` is included when `vf_proj` is True
     (default: when the model has use_vf)."""
+    model = AutoencoderKL() if model is None else model
     if vf_proj is None:
         vf_proj = model.use_vf is not None
     cfg = (model.ch, model.ch_mult, model.num_res_blocks, model.attn_resolutions, model.resolution)
@@ -135,24 +138,13 @@ def torch_rules(model: AutoencoderKL, *, vf_proj: bool | None = None) -> list[Ru
 # Abstract parameters
 
 
-def abstract_params(model: AutoencoderKL) -> dict:
+def abstract_params(model: AutoencoderKL | None = None) -> dict:
     """The model's parameter tree as `jax.ShapeDtypeStruct`s (nothing is allocated), unboxed."""
+    model = AutoencoderKL() if model is None else model
     # The smallest input that passes every level; parameter shapes do not depend on its size.
     f = model.downsample_factor
     x = jax.ShapeDtypeStruct((1, f, f, model.in_channels), jnp.float32)
-
-    def init(x):
-        return model.init(jax.random.key(0), x, sample_posterior=False)
-
-    return nn.meta.unbox(jax.eval_shape(init, x)["params"])
-
-
-def _resolve_model(model: AutoencoderKL | None, model_kwargs: Mapping[str, Any]) -> AutoencoderKL:
-    if model is None:
-        return AutoencoderKL(**model_kwargs)  # defaults: f16d32
-    if model_kwargs:
-        raise TypeError(f"give either `model` or its attributes, not both: {sorted(model_kwargs)}")
-    return model
+    return abstract_variables(model, x, sample_posterior=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,18 +153,16 @@ def _resolve_model(model: AutoencoderKL | None, model_kwargs: Mapping[str, Any])
 
 def params_from_torch(
     source: str | os.PathLike | Mapping[str, Any],
-    *,
     model: AutoencoderKL | None = None,
+    *,
     keep_vf_proj: bool | None = None,
-    **model_kwargs,
 ) -> dict:
     """Load an upstream VA-VAE checkpoint as the `params` collection of `model`.
 
     Args:
       source: a `.pt`/`.ckpt`/`.safetensors`/`.npz` path or a mapping of key -> array/tensor;
         optionally wrapped as ``{'state_dict': ...}`` (Lightning checkpoints).
-      model: the target `AutoencoderKL`; by default one is built from `model_kwargs` (f16d32
-        defaults, e.g. ``params_from_torch(path, embed_dim=32)``).
+      model: the target `AutoencoderKL` (default: upstream's f16d32).
       keep_vf_proj: convert `linear_proj.weight` (then it must be present) into
         ``params['linear_proj']['kernel']``. Default: exactly when `model.use_vf` is set;
         False drops it even then; True also works for a model without use_vf.
@@ -183,7 +173,7 @@ def params_from_torch(
     Raises:
       ConversionError: listing every missing, unexpected or mis-shaped key.
     """
-    model = _resolve_model(model, model_kwargs)
+    model = AutoencoderKL() if model is None else model
     keep = (model.use_vf is not None) if keep_vf_proj is None else keep_vf_proj
     if keep and model.use_vf is None:
         model = model.clone(use_vf=model.vf_feature_dim)
@@ -207,13 +197,11 @@ def params_from_torch(
     return jax.tree.map(lambda a: np.asarray(a, dtype=model.param_dtype), params)
 
 
-def params_to_torch(
-    params: Mapping, *, model: AutoencoderKL | None = None, **model_kwargs
-) -> dict[str, np.ndarray]:
+def params_to_torch(params: Mapping, model: AutoencoderKL | None = None) -> dict[str, np.ndarray]:
     """Flax parameters (optionally boxed, optionally under a 'params' key) -> upstream state dict
     of numpy arrays in PyTorch layout and registration order. `linear_proj.weight` is written
     when the tree has `linear_proj`."""
-    model = _resolve_model(model, model_kwargs)
+    model = AutoencoderKL() if model is None else model
     params = nn.meta.unbox(params)
     if set(params) == {"params"}:
         params = params["params"]

@@ -414,9 +414,10 @@ def foundation_features(
 
 
 def __getattr__(name: str):
-    """`vavae_jax.dinov2.params_from_torch` / `params_to_torch`: the converter lives in
+    """The converter's functions (`params_from_torch`, ...) under this module's name: they live in
     `vavae_jax.dinov2_convert` (which imports this module), loaded on first use."""
-    if name in ("params_from_torch", "params_to_torch", "detect_layout"):
+    if name in ("torch_rules", "abstract_params", "params_from_torch", "params_to_torch",
+                "detect_layout"):
         from vavae_jax import dinov2_convert
 
         return getattr(dinov2_convert, name)

@@ -34,6 +34,8 @@ mlp.w12 / mlp.w3 in torch_hub and mlp.weights_in / mlp.weights_out in transforme
 
 Flax-side layouts: Linear (out, in) -> kernel (in, out); qkv (3D, D) -> (D, 3, H, hd);
 proj (D, D) -> (H, hd, D); conv (D, 3, 14, 14) -> (14, 14, 3, D).
+
+`model` defaults to `dinov2_model("L")`, the VA-VAE's ViT-L/14.
 """
 
 from __future__ import annotations
@@ -50,11 +52,10 @@ from flax import linen as nn
 from flax import traverse_util
 
 from torchport import (
-    ConversionError,
     Rule,
+    abstract_variables,
     conv_to_flax,
     conv_to_torch,
-    expected_torch_shapes,
     linear_to_flax,
     linear_to_torch,
     load_state_dict,
@@ -164,7 +165,7 @@ def _attention(qkv: str, proj: str, path: tuple[str, ...], heads: int) -> list[R
     ]
 
 
-def torch_rules(
+def _layout_rules(
     layout: str,
     *,
     depth: int,
@@ -222,14 +223,25 @@ def torch_rules(
     return rules
 
 
-def model_rules(model: DinoV2, layout: str = "timm") -> list[Rule]:
-    return torch_rules(
+def torch_rules(model: DinoV2 | None = None, *, layout: str = "timm") -> list[Rule]:
+    """The table of `model` in `layout`, in that layout's state-dict order; torch_hub / hf
+    tables end their embeddings with the zero `mask_token` constant (exported, not loaded)."""
+    model = dinov2_model() if model is None else model
+    return _layout_rules(
         layout,
         depth=model.depth,
         num_heads=model.num_heads,
         num_register_tokens=model.num_register_tokens,
         ffn=model.ffn,
+        mask_token_dim=model.embed_dim,
     )
+
+
+def abstract_params(model: DinoV2 | None = None) -> dict:
+    """The parameter tree as unboxed ShapeDtypeStructs (nothing allocated)."""
+    model = dinov2_model() if model is None else model
+    p = model.patch_size
+    return abstract_variables(model, jax.ShapeDtypeStruct((1, p, p, 3), jnp.float32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,110 +313,72 @@ def detect_layout(keys) -> str:
     return "timm"
 
 
-def _abstract_params(model: DinoV2) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-    p = model.patch_size
-    variables = jax.eval_shape(
-        model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, p, p, 3), jnp.float32)
-    )
-    return traverse_util.flatten_dict(nn.meta.unbox(variables["params"]))
-
-
 def params_from_torch(
     source: str | os.PathLike | Mapping[str, Any],
     model: DinoV2 | None = None,
     *,
     layout: str | None = None,
     prefix: str | None = None,
-    **cfg,
 ) -> dict:
-    """Load DINOv2 weights into a Flax parameter tree for `model` (default `dinov2_model(**cfg)`,
-    i.e. ViT-L/14 unless `size=` / field overrides say otherwise).
+    """Load DINOv2 weights into a Flax parameter tree for `model` (default ViT-L/14).
 
     Args:
       source: a checkpoint file or a state-dict mapping (see `torchport.load_state_dict`); a
         Lightning checkpoint's `state_dict` entry is used when present.
       model: the `DinoV2` to load into; its config decides the expected keys and shapes.
       layout: 'timm', 'torch_hub', 'hf' or 'hf_legacy'; detected from the key names if None.
-      prefix: keep only keys under this prefix (stripped). Default: `foundation_model.model.`
-        when a VA-VAE training checkpoint is given, else none.
-      **cfg: `dinov2_model` arguments when `model` is None (e.g. size='L', num_heads=...).
+      prefix: the model's key prefix inside a larger checkpoint, used when present. Default:
+        `foundation_model.model.` (the frozen DINOv2 of a VA-VAE training checkpoint).
 
     Raises:
       ConversionError listing every missing, unexpected and mis-shaped key. `mask_token` is
       always ignored (it only matters for masked training).
     """
-    if model is None:
-        model = dinov2_model(**cfg)
-    elif cfg:
-        raise TypeError("give either `model` or dinov2_model arguments, not both")
+    model = dinov2_model() if model is None else model
     name = source_name(source)
-    state_dict = load_state_dict(source, select=("state_dict",))
-    if prefix is None and any(k.startswith(VAVAE_PREFIX) for k in state_dict):
-        prefix = VAVAE_PREFIX
-    if prefix:
-        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    state_dict = load_state_dict(source, select=("state_dict",), under=prefix or VAVAE_PREFIX)
     layout = layout or detect_layout(state_dict)
-    rules = model_rules(model, layout)
+    rules = [r for r in torch_rules(model, layout=layout) if r.torch_key not in MASK_TOKEN_KEYS]
     if layout in ("hf", "hf_legacy"):
         state_dict = _stack_qkv(state_dict, rules)
     state_dict = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
     return to_flax(
         state_dict,
         rules,
-        _abstract_params(model),
+        abstract_params(model),
         what=f"{WHAT} ({layout} layout)",
         source=name,
         ignore=lambda k: k in MASK_TOKEN_KEYS,
     )
 
 
-def _structure(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    """depth / heads / registers / ffn of a Flax DINOv2 tree, read from its shapes."""
-    depth = len({path[0] for path in flat if path[0].startswith("blocks_")})
-    if depth == 0:
-        raise ConversionError(f"{WHAT}: no blocks_* in the parameter tree")
-    qkv = np.shape(flat[("blocks_0", "attn", "qkv", "kernel")])  # (D, 3, H, hd)
-    fc1 = np.shape(flat[("blocks_0", "mlp", "fc1", "kernel")])  # (D, F) or (D, 2F)
-    fc2 = np.shape(flat[("blocks_0", "mlp", "fc2", "kernel")])  # (F, D)
-    reg = flat.get(("register_tokens",))
-    return dict(
-        depth=depth,
-        num_heads=qkv[2],
-        num_register_tokens=0 if reg is None else np.shape(reg)[1],
-        ffn="swiglu" if fc1[1] == 2 * fc2[0] else "mlp",
-    )
-
-
-def params_to_torch(params: Mapping, layout: str = "timm") -> dict[str, Any]:
+def params_to_torch(
+    params: Mapping, model: DinoV2 | None = None, *, layout: str = "timm"
+) -> dict[str, Any]:
     """Flax parameters -> upstream state dict {key: np.ndarray (float32)} in `layout`.
 
     torch_hub / hf outputs include a zero `mask_token`, so the official / transformers modules
-    load them with strict=True. Abstract trees (leaves `jax.ShapeDtypeStruct`, e.g. from
-    `jax.eval_shape(model.init, ...)`) give {key: ShapeDtypeStruct} without allocating.
+    load them with strict=True. Abstract trees (`abstract_params(model)`) give
+    {key: ShapeDtypeStruct} without allocating.
     """
+    model = dinov2_model() if model is None else model
     params = nn.meta.unbox(params)
     if set(params) == {"params"}:
         params = params["params"]
     flat = traverse_util.flatten_dict(dict(params))
-    dim = np.shape(flat[("cls_token",)])[-1]
-    structure = _structure(flat)
-    rules = torch_rules(layout, mask_token_dim=dim, **structure)
-    timm_registers = layout == "timm" and structure["num_register_tokens"] > 0
     abstract = any(isinstance(v, jax.ShapeDtypeStruct) for v in flat.values())
-
-    if abstract:
-        shapes = expected_torch_shapes(rules, flat)
-        out = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
-    else:
-        if timm_registers:  # fold the CLS position into cls_token (timm no_embed_class)
-            flat = dict(flat)
-            flat[("cls_token",)] = (
-                np.asarray(flat[("cls_token",)]) + np.asarray(flat[("pos_embed",)])[:, :1]
-            )
-        out = to_torch(traverse_util.unflatten_dict(flat), rules, what=WHAT)
+    if not abstract and layout == "timm" and model.num_register_tokens > 0:
+        # fold the CLS position into cls_token (timm no_embed_class)
+        flat = dict(flat)
+        flat[("cls_token",)] = (
+            np.asarray(flat[("cls_token",)]) + np.asarray(flat[("pos_embed",)])[:, :1]
+        )
+    out = to_torch(traverse_util.unflatten_dict(flat), torch_rules(model, layout=layout),
+                   what=WHAT)
+    if not abstract:
         out = {k: np.asarray(v, np.float32) for k, v in out.items()}
     if layout in ("hf", "hf_legacy"):
-        out = _unstack_qkv(out) if not abstract else _unstack_abstract(out)
+        out = _unstack_abstract(out) if abstract else _unstack_qkv(out)
     return out
 
 

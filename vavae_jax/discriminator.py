@@ -37,12 +37,16 @@ Variables::
 PyTorch -> Flax -> PyTorch round trip is exact (it is written back as int64). With a fixed
 momentum PyTorch only reports it; nothing here reads it.
 
+The converter (torchport's protocol: `torch_rules`, `abstract_params`, `params_from_torch`,
+`params_to_torch`) moves both collections; `model` defaults to upstream's ndf=64, n_layers=3.
+
 Initialisation follows taming's ``weights_init``: conv kernels N(0, 0.02); conv biases keep
 PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)); BatchNorm scale N(1, 0.02), bias 0.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,9 +54,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax import traverse_util
 
-from torchport import Rule, conv_to_flax, conv_to_torch, to_flax, to_torch
+from torchport import (
+    Rule,
+    abstract_variables,
+    conv_to_flax,
+    conv_to_torch,
+    load_state_dict,
+    source_name,
+    to_flax,
+    to_torch,
+)
 
 # Prefix of the discriminator entries inside a VA-VAE (LPIPSWithDiscriminator) checkpoint.
 CHECKPOINT_PREFIX = "loss.discriminator."
@@ -166,18 +178,19 @@ class NLayerDiscriminator(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
-def torch_rules(model: NLayerDiscriminator) -> list[Rule]:
+def torch_rules(model: NLayerDiscriminator | None = None) -> list[Rule]:
     """Rule table: upstream ``main.{i}.*`` keys <-> ('params' | 'batch_stats', name, leaf)."""
+    model = NLayerDiscriminator() if model is None else model
     last = 3 * model.n_layers + 2
-    rules = []
+    rules = []  # upstream's registration order: each conv, then the BatchNorm after it
     for i in [0] + [3 * n - 1 for n in range(1, model.n_layers + 1)] + [last]:
         rules.append(
             Rule(f"main.{i}.weight", ("params", f"conv{i}", "kernel"), conv_to_flax, conv_to_torch)
         )
         if i in (0, last):
             rules.append(Rule(f"main.{i}.bias", ("params", f"conv{i}", "bias")))
-    for n in range(1, model.n_layers + 1):
-        i, name = 3 * n, f"bn{3 * n}"
+            continue
+        i, name = i + 1, f"bn{i + 1}"
         rules += [
             Rule(f"main.{i}.weight", ("params", name, "scale")),
             Rule(f"main.{i}.bias", ("params", name, "bias")),
@@ -192,50 +205,42 @@ def torch_rules(model: NLayerDiscriminator) -> list[Rule]:
     return rules
 
 
-def _flax_shapes(model: NLayerDiscriminator) -> dict[tuple[str, ...], Any]:
-    """Flat path -> ShapeDtypeStruct of {'params', 'batch_stats'}, without allocating."""
-    x = jnp.zeros((1, 256, 256, 3), jnp.float32)
-    abstract = jax.eval_shape(lambda k: model.init(k, x, train=False), jax.random.key(0))
-    return traverse_util.flatten_dict(nn.unbox(abstract))
-
-
-def variables_from_torch(
-    state_dict: Mapping[str, Any],
-    model: NLayerDiscriminator | None = None,
-    *,
-    source: str = "state dict",
-) -> dict:
-    """Upstream ``NLayerDiscriminator`` state dict -> ``{'params': ..., 'batch_stats': ...}``.
-
-    Accepts bare ``main.*`` keys or a full VA-VAE training state dict, from which only the
-    ``loss.discriminator.*`` entries are taken. `model` fixes ndf / n_layers (default: the
-    upstream ndf=64, n_layers=3). Raises `ConversionError` listing every missing, unexpected
-    or mis-shaped key.
-    """
+def abstract_params(model: NLayerDiscriminator | None = None) -> dict:
+    """``{'params', 'batch_stats'}`` as unboxed ShapeDtypeStructs (nothing allocated)."""
     model = NLayerDiscriminator() if model is None else model
-    if any(k.startswith(CHECKPOINT_PREFIX) for k in state_dict):
-        n = len(CHECKPOINT_PREFIX)
-        state_dict = {k[n:]: v for k, v in state_dict.items() if k.startswith(CHECKPOINT_PREFIX)}
-    return to_flax(
-        state_dict,
-        torch_rules(model),
-        _flax_shapes(model),
-        what="NLayerDiscriminator",
-        source=source,
-    )
+    x = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
+    return abstract_variables(model, x, collections=("params", "batch_stats"), train=False)
 
 
-def variables_to_torch(
+def params_from_torch(
+    source: str | os.PathLike | Mapping[str, Any], model: NLayerDiscriminator | None = None
+) -> dict:
+    """Upstream ``NLayerDiscriminator`` state dict (a file or a mapping) ->
+    ``{'params': ..., 'batch_stats': ...}``.
+
+    Accepts bare ``main.*`` keys or a full VA-VAE training checkpoint, from which only the
+    ``loss.discriminator.*`` entries are taken. Raises `ConversionError` listing every missing,
+    unexpected or mis-shaped key.
+    """
+    state_dict = load_state_dict(source, select=("state_dict",), under=CHECKPOINT_PREFIX)
+    return to_flax(state_dict, torch_rules(model), abstract_params(model),
+                   what="NLayerDiscriminator", source=source_name(source))
+
+
+def params_to_torch(
     variables: Mapping, model: NLayerDiscriminator | None = None, *, prefix: str = ""
 ) -> dict[str, np.ndarray]:
     """``{'params', 'batch_stats'}`` -> upstream state dict (numpy; counters as int64).
 
     Use ``prefix="loss.discriminator."`` for the layout of a VA-VAE training checkpoint.
     """
-    model = NLayerDiscriminator() if model is None else model
     variables = {k: nn.unbox(variables[k]) for k in ("params", "batch_stats") if k in variables}
     state_dict = to_torch(variables, torch_rules(model), what="NLayerDiscriminator")
-    return {
-        prefix + k: v.astype(np.int64) if k.endswith("num_batches_tracked") else v
-        for k, v in state_dict.items()
-    }
+
+    def int64(v):  # abstract trees give ShapeDtypeStructs
+        if isinstance(v, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(v.shape, np.int64)
+        return v.astype(np.int64)
+
+    return {prefix + k: int64(v) if k.endswith("num_batches_tracked") else v
+            for k, v in state_dict.items()}

@@ -31,8 +31,9 @@ LPIPS needs two downloads, both converted with `params_from_torchvision`:
   Keys ``lin{0..4}.model.1.weight``.
 
 A whole-module state dict (``LPIPS().state_dict()`` of taming or upstream, or the
-``loss.perceptual_loss.*`` entries of a VA-VAE training checkpoint) is
-converted with `params_from_torch`; `params_to_torch` writes that layout back.
+``loss.perceptual_loss.*`` entries of a VA-VAE training checkpoint) is converted with
+`params_from_torch`; `params_to_torch` writes that layout back (the converter protocol of
+`torchport`; `model` is always ``LPIPS()``, whose weights do not depend on its fields).
 
 Parameter tree::
 
@@ -43,6 +44,7 @@ Parameter tree::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,9 +52,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax import traverse_util
 
-from torchport import Rule, conv_to_flax, conv_to_torch, to_flax, to_torch
+from torchport import (
+    Rule,
+    abstract_variables,
+    conv_to_flax,
+    conv_to_torch,
+    load_state_dict,
+    source_name,
+    to_flax,
+    to_torch,
+)
+
+Source = str | os.PathLike | Mapping[str, Any]
 
 # Per-channel input scaling; the upstream buffers have shape (1, 3, 1, 1).
 SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
@@ -173,7 +185,7 @@ def _trunk_rules(key_of) -> list[Rule]:
     return rules
 
 
-def head_rules() -> list[Rule]:
+def _head_rules() -> list[Rule]:
     """Rule table for the LPIPS ``vgg.pth`` file (the five linear heads)."""
     return [
         Rule(f"lin{k}.model.1.weight", (f"lin{k}", "kernel"), conv_to_flax, conv_to_torch)
@@ -189,78 +201,72 @@ def _scaling_rules() -> list[Rule]:
     ]
 
 
-def module_rules() -> list[Rule]:
-    """Rule table for a whole taming / upstream ``LPIPS`` state dict."""
-    taming_key = lambda block, index: f"net.slice{block}.{index}"
-    return _scaling_rules() + _trunk_rules(taming_key) + head_rules()
-
-
-def torchvision_rules() -> list[Rule]:
+def _torchvision_rules() -> list[Rule]:
     """Rule table for torchvision's ``vgg16`` state dict (``features.*`` only)."""
     return _trunk_rules(lambda block, index: f"features.{index}")
 
 
-def _flax_shapes() -> dict[tuple[str, ...], Any]:
-    """Flat path -> ShapeDtypeStruct of the parameter tree, without allocating weights."""
-    x = jnp.zeros((1, 16, 16, 3), jnp.float32)
-    abstract = jax.eval_shape(LPIPS().init, jax.random.key(0), x, x)
-    return traverse_util.flatten_dict(nn.unbox(abstract)["params"])
+def torch_rules(model: LPIPS | None = None) -> list[Rule]:
+    """Rule table for a whole taming / upstream ``LPIPS`` state dict."""
+    del model  # one layout for every LPIPS(dtype=...)
+    taming_key = lambda block, index: f"net.slice{block}.{index}"
+    return _scaling_rules() + _trunk_rules(taming_key) + _head_rules()
 
 
-def _select_prefix(state_dict: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
-    """Keep the entries under `prefix` (stripped) when there are any, else everything."""
-    if any(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    return state_dict
+def abstract_params(model: LPIPS | None = None) -> dict:
+    """The parameter tree as unboxed ShapeDtypeStructs (nothing allocated)."""
+    x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)  # the smallest passing 4 pools
+    return abstract_variables(LPIPS() if model is None else model, x, x)
 
 
-def params_from_torch(state_dict: Mapping[str, Any], *, source: str = "state dict") -> dict:
-    """Whole-module ``LPIPS`` state dict -> Flax params (the tree under ``'params'``).
+def params_from_torch(source: Source, model: LPIPS | None = None) -> dict:
+    """Whole-module ``LPIPS`` state dict (a file or a mapping) -> Flax params.
 
     Accepts the bare module keys (``scaling_layer.*``, ``net.slice{b}.{i}.*``,
-    ``lin{k}.model.1.weight``) or a full VA-VAE training state dict, from which only the
+    ``lin{k}.model.1.weight``) or a full VA-VAE training checkpoint, from which only the
     ``loss.perceptual_loss.*`` entries are taken. Raises `ConversionError` listing every
     missing, unexpected or mis-shaped key, and scaling buffers that differ from the constants.
     """
-    state_dict = _select_prefix(state_dict, CHECKPOINT_PREFIX)
-    return to_flax(state_dict, module_rules(), _flax_shapes(), what="LPIPS", source=source)
+    state_dict = load_state_dict(source, select=("state_dict",), under=CHECKPOINT_PREFIX)
+    return to_flax(state_dict, torch_rules(model), abstract_params(model), what="LPIPS",
+                   source=source_name(source))
 
 
 def params_from_torchvision(
-    vgg16_state_dict: Mapping[str, Any],
-    lpips_heads_state_dict: Mapping[str, Any],
+    vgg16: Source,
+    heads: Source,
+    model: LPIPS | None = None,
     *,
-    sources: tuple[str, str] = ("torchvision vgg16 state dict", "LPIPS vgg.pth"),
+    sources: tuple[str, str] | None = None,
 ) -> dict:
-    """The two downloadable files -> Flax params.
+    """The two downloadable files (paths or mappings) -> Flax params.
 
     Args:
-      vgg16_state_dict: torchvision ``vgg16`` ImageNet weights (``features.*``; the
-        ``classifier.*`` entries are ignored).
-      lpips_heads_state_dict: LPIPS ``vgg.pth`` (``lin{0..4}.model.1.weight``).
-      sources: names of the two inputs for error messages.
+      vgg16: torchvision ``vgg16`` ImageNet weights, ``vgg16-397923af.pth`` (``features.*``;
+        the ``classifier.*`` entries are ignored).
+      heads: LPIPS ``vgg.pth`` (``lin{0..4}.model.1.weight``).
+      sources: names of the two inputs for error messages (default: their paths).
     """
-    shapes = _flax_shapes()
+    names = sources or (source_name(vgg16), source_name(heads))
+    shapes = abstract_params(model)
     trunk = to_flax(
-        vgg16_state_dict,
-        torchvision_rules(),
-        {p: s for p, s in shapes.items() if p[0] == "vgg"},
+        load_state_dict(vgg16),
+        _torchvision_rules(),
+        {"vgg": shapes["vgg"]},
         what="LPIPS VGG16 trunk",
-        source=sources[0],
+        source=names[0],
         ignore=lambda k: k.startswith("classifier."),
     )
-    heads = to_flax(
-        lpips_heads_state_dict,
-        head_rules(),
-        {p: s for p, s in shapes.items() if p[0] != "vgg"},
-        what="LPIPS linear heads",
-        source=sources[1],
-    )
-    return {**trunk, **heads}
+    head_shapes = {k: v for k, v in shapes.items() if k != "vgg"}
+    lin = to_flax(load_state_dict(heads), _head_rules(), head_shapes, what="LPIPS linear heads",
+                  source=names[1])
+    return {**trunk, **lin}
 
 
-def params_to_torch(params: Mapping, *, prefix: str = "") -> dict[str, np.ndarray]:
+def params_to_torch(
+    params: Mapping, model: LPIPS | None = None, *, prefix: str = ""
+) -> dict[str, np.ndarray]:
     """Flax params -> whole-module ``LPIPS`` state dict (numpy), keys optionally prefixed
     (``prefix="loss.perceptual_loss."`` for a VA-VAE training checkpoint)."""
-    state_dict = to_torch(nn.unbox(params), module_rules(), what="LPIPS")
+    state_dict = to_torch(nn.unbox(params), torch_rules(model), what="LPIPS")
     return {prefix + k: v for k, v in state_dict.items()}

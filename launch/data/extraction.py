@@ -62,7 +62,7 @@ def load_autoencoder_params(config, model, checkpoint: str | None, mesh):
     abstract = abstract_params(model)
     replicated = sharding.replicated(mesh)
     if checkpoint is None:
-        if config.get("variant") != "tiny":
+        if not config.get("random_weights_ok", False):
             raise cli.UserError("--checkpoint is required (a VA-VAE .pt, an orbax params "
                                 "directory or a training workdir); only the tiny config may "
                                 "run on random weights")
@@ -77,7 +77,7 @@ def load_autoencoder_params(config, model, checkpoint: str | None, mesh):
         raise cli.UserError(f"--checkpoint {checkpoint!r} does not exist")
     params = params_io.load_params(
         checkpoint, abstract=abstract,
-        from_torch=lambda path: params_from_torch(path, model=model))
+        from_torch=lambda path: params_from_torch(path, model))
     return jax.device_put(params, replicated)
 
 

@@ -104,7 +104,6 @@ class LightningDiTAdapter:
         from launch.training.torch_import import train_state_from_torch
         from torchport import read_checkpoint
 
-        kwargs = build.dit_architecture(self.config)
         if os.path.isdir(path):
             params = params_io.restore_params(params_io.resolve_params_dir(path),
                                               abstract_like(state.params), shardings.params)
@@ -112,11 +111,11 @@ class LightningDiTAdapter:
         raw = read_checkpoint(path)
         if "opt" in raw:
             logging.info("continuing the upstream training run %s (weights, EMA, AdamW)", path)
-            imported = train_state_from_torch(raw, model_kwargs=kwargs,
+            imported = train_state_from_torch(raw, model_kwargs=build.dit_architecture(self.config),
                                               optimizer=self.optimizer,
                                               optimizer_config=dict(self.config.optimizer))
             return jax.device_put(imported, shardings)
-        params = jax.device_put(params_from_torch(raw, **kwargs), shardings.params)
+        params = jax.device_put(params_from_torch(raw, self.model), shardings.params)
         return state.replace(params=params, ema_params=params)
 
     def flops_per_example(self, params) -> float:
@@ -229,8 +228,8 @@ class VAVAEAdapter:
         discriminator when present; missing parts keep their initialisation)."""
         from launch import params_io
         from torchport import load_state_dict
+        from vavae_jax import discriminator
         from vavae_jax.convert import params_from_torch
-        from vavae_jax.discriminator import variables_from_torch
 
         ae = self.models.autoencoder
         if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -250,10 +249,9 @@ class VAVAEAdapter:
         else:
             sd = load_state_dict(path, select=("state_dict",))
             has_proj = any(k.startswith("linear_proj.") for k in sd)
-            loaded = params_from_torch(sd, model=ae,
-                                       keep_vf_proj=has_proj and ae.use_vf is not None)
-            if any(k.startswith("loss.discriminator.") for k in sd):
-                disc = variables_from_torch(sd, self.models.discriminator, source=path)
+            loaded = params_from_torch(sd, ae, keep_vf_proj=has_proj and ae.use_vf is not None)
+            if any(k.startswith(discriminator.CHECKPOINT_PREFIX) for k in sd):
+                disc = discriminator.params_from_torch(sd, self.models.discriminator)
                 state = state.replace(
                     disc_params=jax.device_put(disc["params"], shardings.disc_params),
                     disc_batch_stats=jax.device_put(disc["batch_stats"],

@@ -18,7 +18,6 @@ from flax import linen as nn
 
 from launch import params_io
 from launch.cli import UserError
-from torchport import load_state_dict
 
 
 def _random(module, rng, *args, what: str):
@@ -48,7 +47,7 @@ def frozen_shardings(models, frozen: dict, mesh) -> dict:
 
 def load_frozen(config, models) -> dict:
     """{'foundation': params | None, 'lpips': params | None} for `models` (a `VAEModels`)."""
-    tiny = config.get("variant") == "tiny"
+    tiny = config.get("random_weights_ok", False)  # the CPU-sized configs (tiny, demo)
     rng = jax.random.key(config.seed + 7)
     frozen = {"foundation": None, "lpips": None}
     if models.foundation is not None:
@@ -56,11 +55,10 @@ def load_frozen(config, models) -> dict:
         vit = models.foundation
         x = jnp.zeros((1, 14 * 2, 14 * 2, 3))
         if path:
-            from vavae_jax.dinov2_convert import params_from_torch
+            from vavae_jax.dinov2_convert import abstract_params, params_from_torch
 
-            abstract = nn.meta.unbox(jax.eval_shape(vit.init, rng, x)["params"])
             frozen["foundation"] = params_io.load_params(
-                path, abstract=abstract, from_torch=lambda p: params_from_torch(p, vit))
+                path, abstract=abstract_params(vit), from_torch=lambda p: params_from_torch(p, vit))
         elif tiny:
             frozen["foundation"] = _random(vit, rng, x, what="DINOv2")
         else:
@@ -72,9 +70,7 @@ def load_frozen(config, models) -> dict:
         if vgg and heads:
             from vavae_jax.lpips import params_from_torchvision
 
-            frozen["lpips"] = params_from_torchvision(load_state_dict(vgg),
-                                                      load_state_dict(heads),
-                                                      sources=(vgg, heads))
+            frozen["lpips"] = params_from_torchvision(vgg, heads, models.lpips)
         elif tiny:
             x = jnp.zeros((1, 32, 32, 3))
             frozen["lpips"] = _random(models.lpips, rng, x, x, what="LPIPS")

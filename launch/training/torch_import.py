@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
-from flax import traverse_util
 
-from dit_jax.convert import abstract_params, conversion_rules, params_from_torch, params_to_torch
+from dit_jax.convert import abstract_params, params_from_torch, params_to_torch, torch_rules
 from dit_jax.model import LightningDiT
 from dit_jax.train_step import TrainState, make_optimizer
 from torchport import (
@@ -49,7 +48,7 @@ _FILLED_STATES = (optax.ScaleByAdamState, optax.ScaleByScheduleState)
 
 def upstream_parameter_rules(model_kwargs: Mapping[str, Any]) -> list[Rule]:
     """Conversion rules of upstream's ``model.parameters()``, in that order (with pos_embed)."""
-    rules = conversion_rules(LightningDiT(**model_kwargs))
+    rules = torch_rules(LightningDiT(**model_kwargs))
     return [r for r in rules if not r.torch_key.startswith(UPSTREAM_BUFFER_PREFIXES)]
 
 
@@ -117,8 +116,7 @@ def _adam_moments(opt_sd: Mapping[str, Any], rules: list[Rule], model_kwargs: Ma
         raise ConversionError(f"{name}: parameters were stepped different times ({steps})")
 
     # exp_avg / exp_avg_sq have their parameter's layout, so the weight rules convert them.
-    model = LightningDiT(**model_kwargs)
-    shapes = traverse_util.flatten_dict(abstract_params(model))
+    shapes = abstract_params(LightningDiT(**model_kwargs))
     moment_rules = [r for _, r in trainable]
     mu, nu = (
         to_flax(load_state_dict({r.torch_key: states[i][key] for i, r in trainable}),
@@ -163,8 +161,9 @@ def train_state_from_torch(
     if missing:
         raise ValueError(f"{name}: not an upstream training checkpoint, missing {missing} "
                          f"(top-level keys: {sorted(map(str, raw))[:10]})")
-    params = params_from_torch(raw, select=("model",), **model_kwargs)
-    ema_params = params_from_torch(raw, select=("ema",), **model_kwargs)
+    model = LightningDiT(**model_kwargs)
+    params = params_from_torch(raw, model, select=("model",))
+    ema_params = params_from_torch(raw, model, select=("ema",))
 
     torch_hp = adamw_hparams(raw["opt"])
     if optimizer_config is not None:
@@ -231,6 +230,7 @@ def train_state_to_torch(state: TrainState, *, model_kwargs: Mapping[str, Any],
     group["params"] = list(range(len(rules)))
 
     to_tensors = lambda sd: {k: as_tensor(v) for k, v in sd.items()}
-    return {"model": to_tensors(params_to_torch(state.params, **model_kwargs)),
-            "ema": to_tensors(params_to_torch(state.ema_params, **model_kwargs)),
+    model = LightningDiT(**model_kwargs)
+    return {"model": to_tensors(params_to_torch(state.params, model)),
+            "ema": to_tensors(params_to_torch(state.ema_params, model)),
             "opt": {"state": opt_state, "param_groups": [group]}}
