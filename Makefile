@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt constraints.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m launch.sample --config configs/lightningdit.py:tiny --workdir runs/demo
+	$(PY) -m launch.demo --workdir runs/demo
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

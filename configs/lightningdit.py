@@ -6,6 +6,7 @@ Variants:
               (cfg 10.0, interval from t = 0.10, 3 guided channels, shift 0.3, Euler 250).
   xl1_800ep   same model, sampled like the FID 1.35 release (cfg 6.7, interval from 0.125).
   b1, l1      LightningDiT-B/1 and L/1 with the released flags and XL's recipe (as upstream).
+  demo        tiny, 4 blocks of width 128, tuned to learn the shapes in minutes (launch.demo).
 
 Train (rerun the same command to resume; --config.x=y overrides any field):
   python -m launch.train --config configs/lightningdit.py:xl1_64ep --workdir runs/xl1 \
@@ -103,7 +104,7 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
         "prepare_checkpoint": "",  # ... with these VA-VAE weights
     })
 
-    if arg == "tiny":
+    if arg in ("tiny", "demo"):
         config.model = _model("LightningDiT-S/2", name="tiny", depth=2, hidden_size=64,
                               num_heads=4, input_size=8, in_channels=4, num_classes=10)
         config.train.global_batch_size = 16
@@ -118,6 +119,17 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
         config.data.update(path="runs/data/shapes32_latents", worker_count=0, prepare="tiny",
                            prepare_checkpoint="")
         config.tokenizer.variant = "tiny"  # the VA-VAE that made the latents
+    if arg == "demo":
+        # launch.demo sets total_steps, data.path and tokenizer.checkpoint; the EMA must
+        # follow a run of a few thousand steps
+        config.model.update(variant="demo", depth=4, hidden_size=128)
+        config.train.update(global_batch_size=64, ema_decay=0.995)
+        config.optimizer.lr = 5e-4
+        config.update(total_steps=2000, log_every=100, ckpt_every=500, sample_every=1000)
+        config.data.update(path="runs/demo/latents", prepare="")
+        config.tokenizer.variant = "demo"
+    elif arg == "tiny":
+        pass
     elif arg == "xl1_64ep":
         config.model = _model("LightningDiT-XL/1")
     elif arg == "xl1_800ep":
@@ -131,6 +143,7 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
     elif arg == "l1":
         config.model = _model("LightningDiT-L/1")
     else:
-        raise ValueError(f"unknown config variant {arg!r}: tiny, xl1_64ep, xl1_800ep, b1, l1")
+        raise ValueError(f"unknown config variant {arg!r}: tiny, demo, xl1_64ep, xl1_800ep, "
+                         "b1, l1")
     return config
 

@@ -8,6 +8,7 @@ Variants (upstream vavae/configs/*.yaml; 256 global batch = 32 GPUs x 8, Adam 1e
   long_stage2     stage 2: 15 epochs, disc_start 1, vf_weight 0.1, no margins.
   long_stage3     stage 3 (= the released tokenizer): 15 epochs, margins 0.25 / 0.5.
   f16d32_ldm      the plain LDM KL-VAE baseline (no VF loss).
+  demo            tiny, tuned to learn the shapes in minutes (python -m launch.demo).
 
 Train (rerun the same command to resume; stages chain with --config.init_from=<previous run>):
   python -m launch.train --config configs/vavae.py:long_stage1 --workdir runs/vavae_s1 \
@@ -54,6 +55,9 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
         {"size": "L", "overrides": {}, "imagenet_norm": False, "checkpoint": ""})
     config.lpips = ml_collections.ConfigDict({"vgg16": "", "heads": ""})
     config.shard_frozen = False  # True: FSDP-shard the frozen tree instead of replicating it
+    # without weight files, run on random ones (with a loud warning) instead of stopping: only
+    # the CPU-sized configs (tiny, demo) allow it
+    config.random_weights_ok = False
     config.discriminator = ml_collections.ConfigDict({"ndf": 64, "n_layers": 3})
     config.loss = ml_collections.ConfigDict({
         "kl_weight": 1e-6, "perceptual_weight": 1.0, "logvar": 0.0, "disc_start": 5001,
@@ -77,7 +81,8 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
     config.extract = ml_collections.ConfigDict(
         {"batch_size": 256, "shard_size": 10_000, "stats_images": 10_000})
 
-    if arg == "tiny":
+    if arg in ("tiny", "demo"):
+        config.random_weights_ok = True
         config.model.embed_dim = 4
         config.model.ddconfig.update(z_channels=4, resolution=32, ch=32, ch_mult=(1, 2, 2),
                                      num_res_blocks=1, attn_resolutions=(8,))
@@ -91,7 +96,15 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
         config.data.update(path="runs/data/shapes32", image_size=32, worker_count=0,
                            procedural_images_per_class=300, exclude=())
         config.extract.update(batch_size=64, shard_size=1000)
-    elif arg == "f16d32_vfdinov2":
+    if arg == "demo":
+        # larger batches and lr than tiny, the discriminator joins for the last quarter
+        # (disc_start counts two Lightning steps per iteration); LPIPS stays off, as its VGG
+        # would be random. launch.demo sets total_steps, data.path and the images per class.
+        config.train.global_batch_size = 32
+        config.optimizer.lr = 5e-4
+        config.loss.disc_start = 2 * 600
+        config.update(total_steps=800, log_every=100, ckpt_every=200, sample_every=400)
+    elif arg in ("tiny", "f16d32_vfdinov2"):
         pass
     elif arg == "long_stage1":
         config.loss.update(vf_weight=0.5, distmat_margin=0.0, cos_margin=0.0)
@@ -105,9 +118,9 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
     elif arg == "f16d32_ldm":
         config.model.use_vf = None
     else:
-        raise ValueError(f"unknown config variant {arg!r}: tiny, f16d32_vfdinov2, "
+        raise ValueError(f"unknown config variant {arg!r}: tiny, demo, f16d32_vfdinov2, "
                          "long_stage1..3, f16d32_ldm")
-    if arg != "tiny":
+    if arg not in ("tiny", "demo"):
         config.total_steps = config.train.epochs * ITERATIONS_PER_EPOCH
     return config
 

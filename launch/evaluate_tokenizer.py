@@ -19,10 +19,8 @@ from __future__ import annotations
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from launch import cli, sharding
@@ -37,27 +35,6 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 0, "Evaluate the first N images
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per global batch.")
 
 
-def load_lpips(config):
-    """(LPIPS module, params): the files of `config.lpips`, or random for the tiny config."""
-    from torchport import load_state_dict
-    from vavae_jax.lpips import LPIPS, params_from_torchvision
-
-    module = LPIPS()
-    vgg, heads = config.lpips.get("vgg16", ""), config.lpips.get("heads", "")
-    if vgg and heads:
-        for path in (vgg, heads):
-            if not os.path.exists(path):
-                raise cli.UserError(f"LPIPS weights {path!r} do not exist")
-        return module, params_from_torchvision(load_state_dict(vgg), load_state_dict(heads),
-                                               sources=(vgg, heads))
-    if config.get("variant") != "tiny":
-        raise cli.UserError("config.lpips.vgg16 / config.lpips.heads are empty: LPIPS needs "
-                            "vgg16-397923af.pth and LPIPS vgg.pth (see README)")
-    logging.warning("LPIPS with RANDOM weights (tiny config without config.lpips files)")
-    x = jnp.zeros((1, 32, 32, 3))
-    return module, module.init(jax.random.key(config.seed), x, x)["params"]
-
-
 def main(argv):
     del argv
     from launch import build
@@ -65,7 +42,7 @@ def main(argv):
     from launch.data.sources import open_image_source
     from launch.evaluation import inception_extractor
     from launch.images import save_grid
-    from launch.tokenizer_eval import evaluate_tokenizer
+    from launch.tokenizer_eval import evaluate_tokenizer, load_lpips
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)

@@ -1,6 +1,7 @@
 """Sampling at scale as a library: N images from a LightningDiT, in resumable chunks.
 
-`python -m launch.sample` is the command; the demo calls `generate` directly. What a run is:
+`python -m launch.sample` is the command; `run_sampling` is the same as a function (the demo
+calls it). What a run is:
 
 - Sample i has its own noise, keyed by `fold_in(key, i)`, and its own label from one draw of
   all N labels (`class_labels`: random classes as upstream's inference, or balanced). So the
@@ -10,7 +11,7 @@
   statistics, decodes them with the VA-VAE and converts to uint8 as upstream writes PNGs.
 - Every `chunk_size` images are gathered and written by process 0 as
   `chunks/chunk_{k:05d}.npz` (written to a temporary name, then renamed). A rerun of the same
-  command skips the finished chunks; `sampling.json` records the settings a rerun must share.
+  command skips the finished chunks; `json` records the settings a rerun must share.
 - `assemble` concatenates the chunks into one ADM-format `.npz` (`arr_0` uint8 NHWC images,
   `arr_1` labels) that the ADM evaluator and `launch.evaluate` read.
 """
@@ -20,17 +21,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import linen as nn
 
+from launch import build, cli, params_io, sharding
 from launch import images as image_grids
-from launch import sharding
 
-LAYOUT_FILE = "sampling.json"
+LAYOUT_FILE = "json"
 CHUNK_DIR = "chunks"
 
 
@@ -215,18 +218,153 @@ def assemble(workdir: str, plan: Plan, output: str) -> np.ndarray:
 
 
 def labelled_grid(images: np.ndarray, labels: np.ndarray, ncols: int | None = None,
-                  class_names: list[str] | None = None) -> np.ndarray:
-    """uint8 grid of images (N, H, W, 3), each with its class written above it."""
+                  class_names: list[str] | None = None, rows: bool = False) -> np.ndarray:
+    """uint8 grid of images (N, H, W, 3), each with its class written above it (`rows`: only
+    the first image of each row, for grids with one class per row)."""
+    ncols = ncols or int(np.ceil(np.sqrt(len(images))))
     from PIL import Image, ImageDraw
 
     scale = max(1, 64 // images.shape[1])
     tiles = []
-    for image, label in zip(images, labels, strict=True):
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
         h, w, _ = image.shape
         tile = Image.new("RGB", (w, h + 12), (255, 255, 255))
         tile.paste(Image.fromarray(image), (0, 12))
-        name = class_names[label] if class_names else str(int(label))
-        ImageDraw.Draw(tile).text((2, 0), name, fill=(0, 0, 0))
+        if not rows or i % ncols == 0:
+            name = class_names[label] if class_names else str(int(label))
+            ImageDraw.Draw(tile).text((2, 0), name, fill=(0, 0, 0))
         tiles.append(np.asarray(tile))
     return image_grids.make_grid(np.stack(tiles), ncols=ncols)
+
+
+# -- the whole command as a library function ----------------------------------------------
+
+
+def build_params(config, model, mesh, checkpoint: str | None):
+    """Parameters born sharded over `mesh`: initialised, or loaded from `checkpoint`."""
+    from dit_jax.convert import params_from_torch
+
+    s = model.input_size
+    init_args = (jnp.zeros((1, s, s, model.in_channels)), jnp.zeros((1,)),
+                 jnp.zeros((1,), jnp.int32))
+    init = lambda rng: model.init(rng, *init_args)["params"]
+    rng = jax.random.key(config.seed)
+    if checkpoint is None:
+        logging.warning("no --checkpoint: sampling from a RANDOMLY INITIALISED LightningDiT")
+        return sharding.sharded_init(init, rng, mesh=mesh)[0]
+    abstract_boxed = jax.eval_shape(init, rng)
+    to_flax = lambda path: params_from_torch(path, model)
+    return params_io.load_params(checkpoint, abstract=nn.meta.unbox(abstract_boxed),
+                                 from_torch=to_flax,
+                                 shardings=sharding.logical_shardings(abstract_boxed, mesh))
+
+
+def latent_statistics(config) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(mean, std, multiplier) that turn samples back into VA-VAE latents, or None."""
+    from launch.latent_stats import load_latent_stats
+
+    multiplier = float(config.data.get("latent_multiplier", 1.0))
+    if config.latent_stats:
+        if not os.path.exists(config.latent_stats):
+            raise cli.UserError(f"config.latent_stats {config.latent_stats!r} does not exist")
+        return (*load_latent_stats(config.latent_stats), multiplier)
+    data = config.data
+    if data.get("latent_norm") and data.path and os.path.isdir(data.path):
+        from launch.data.latents import LatentShardSource, load_or_compute_stats
+
+        return (*load_or_compute_stats(LatentShardSource(data.path)), multiplier)
+    return None
+
+
+def build_decoder(config, mesh):
+    """(decode(params, latents) -> images in [-1, 1], params replicated) of
+    `config.tokenizer`, or (None, None) without one."""
+    if not config.tokenizer.variant:
+        return None, None
+    from configs.vavae import get_config
+    from launch.data.extraction import load_autoencoder_params
+
+    vavae_config = get_config(config.tokenizer.variant)
+    vae = build.autoencoder(vavae_config)
+    params = load_autoencoder_params(vavae_config, vae, config.tokenizer.checkpoint or None, mesh)
+    return (lambda p, z: vae.apply({"params": p}, z, method=vae.decode)), params
+
+
+def run_sampling(config, workdir: str, *, checkpoint: str | None, num_samples: int,
+                 labels: list[int] | None = None, balanced: bool = False,
+                 chunk_size: int = 1024, max_chunks: int | None = None,
+                 grid: int = 64) -> dict:
+    """Everything the command does (see the module docstring); returns its summary."""
+    os.makedirs(workdir, exist_ok=True)
+    model = build.dit_model(config)
+    mesh = sharding.create_mesh(dict(config.mesh))
+    try:
+        plan = make_plan(num_samples, config.sample.batch_size, chunk_size,
+                                  mesh.devices.size)
+    except ValueError as e:
+        raise cli.UserError(str(e)) from e
+    if labels:
+        all_labels = np.resize(np.array([int(v) for v in labels], np.int32), plan.num_samples)
+        if all_labels.min() < 0 or all_labels.max() >= model.num_classes:
+            raise cli.UserError(f"--labels must lie in [0, {model.num_classes})")
+    else:
+        all_labels = class_labels(plan.num_samples, model.num_classes, config.seed,
+                                           balanced)
+    if checkpoint and not os.path.exists(checkpoint):
+        raise cli.UserError(f"--checkpoint {checkpoint!r} does not exist")
+    stats = latent_statistics(config)
+    layout = {
+        "model": config.model.variant,
+        "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
+        "tokenizer": [config.tokenizer.variant, config.tokenizer.checkpoint],
+        "latent_stats": None if stats is None else [float(np.sum(stats[0])),
+                                                    float(np.sum(stats[1])), stats[2]],
+        "num_samples": plan.num_samples, "batch_size": plan.batch_size,
+        "chunk_size": plan.chunk_size, "seed": config.seed, "balanced": balanced,
+        "labels": [int(v) for v in labels] if labels else None,
+        "sample": config.sample.to_dict()}
+    try:
+        check_layout(workdir, layout)
+    except LayoutMismatch as e:
+        raise cli.UserError(str(e)) from e
+
+    params = build_params(config, model, mesh, checkpoint)
+    decode, decoder_params = build_decoder(config, mesh)
+    if decode is not None and stats is None:
+        logging.warning("no latent statistics (config.latent_stats, or latents in "
+                        "config.data.path): decoding the samples as they are")
+    noise_key, sde_key = jax.random.split(jax.random.key(config.seed + 1))
+    generate_fn = make_generate(model, build.sampler_options(config), decode=decode,
+                                         latent_stats=stats, noise_key=noise_key,
+                                         sde_key=sde_key)
+    start = time.perf_counter()
+    made = generate(generate_fn, params, decoder_params, all_labels, plan, workdir,
+                             mesh, max_chunks=max_chunks)
+    seconds = time.perf_counter() - start
+    missing = [k for k in range(plan.num_chunks)
+               if not os.path.exists(chunk_path(workdir, k))]
+    summary = {"num_samples": plan.num_samples, "images_made": made,
+               "chunks_missing": len(missing), "seconds": round(seconds, 2),
+               "images_per_s": round(made / seconds, 2) if made else 0}
+    if missing or jax.process_index() != 0:
+        return summary
+    output = os.path.join(workdir, "samples.npz")
+    samples = assemble(workdir, plan, output)
+    summary.update(output=output, shape=list(samples.shape))
+    if grid:
+        n = min(grid, len(samples))
+        if samples.dtype == np.uint8:
+            shown = samples[:n]
+        else:
+            from launch.images import latent_preview
+
+            shown = latent_preview(samples[:n])
+        from PIL import Image
+
+        Image.fromarray(labelled_grid(shown, all_labels[:n])).save(
+            os.path.join(workdir, "samples.png"))
+    logging.info("%d samples %s in %s (%s, %d steps, cfg %.2f)", plan.num_samples,
+                 samples.shape[1:], output, config.sample.method, config.sample.num_steps,
+                 config.sample.cfg_scale)
+    return summary

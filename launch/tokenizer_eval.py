@@ -14,6 +14,7 @@ half an 8-bit step.
 
 from __future__ import annotations
 
+import os
 import time
 
 import grain
@@ -23,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from eval_jax import metrics, reconstruction
-from launch import sharding
+from launch import cli, sharding
 from launch.data.preprocess import decode_rgb, to_model_range
 from launch.data.sources import ImageSource
 
@@ -72,7 +73,10 @@ def make_reconstruct(autoencoder, lpips, mesh, seed: int):
         recon = autoencoder.apply({"params": ae_params}, posterior.sample_with_eps(eps),
                                   method=autoencoder.decode).astype(jnp.float32)
         recon_u8 = jnp.clip(127.5 * recon + 128.0, 0, 255).astype(jnp.uint8)
-        distance = lpips.apply({"params": lpips_params}, recon, x).reshape(-1)
+        if lpips is None:
+            distance = jnp.zeros(x.shape[0])
+        else:
+            distance = lpips.apply({"params": lpips_params}, recon, x).reshape(-1)
         return recon_u8, reconstruction.ssim(recon, x), distance
 
     batch = sharding.batch_sharding(mesh, 4)
@@ -86,7 +90,8 @@ def evaluate_tokenizer(source: ImageSource, autoencoder, ae_params, lpips, lpips
                        keep: int = 0, progress: bool = True) -> dict:
     """Reconstruction metrics over the first `num_images` (0: all) of `source`.
 
-    `extract` is a `launch.evaluation.FeatureExtractor` for rFID (None: no rFID). Returns
+    `extract` is a `launch.evaluation.FeatureExtractor` for rFID (None: no rFID); `lpips`
+    None leaves LPIPS out. Returns
     {'rfid'?, 'psnr', 'ssim', 'lpips', 'num_images', 'num_skipped', 'seconds'} and, when
     `keep` > 0, the first `keep` originals / reconstructions under 'examples'."""
     from tqdm import tqdm
@@ -101,7 +106,8 @@ def evaluate_tokenizer(source: ImageSource, autoencoder, ae_params, lpips, lpips
     run = make_reconstruct(autoencoder, lpips, mesh, seed)
     in_batch, in_vector = sharding.batch_sharding(mesh, 4), sharding.batch_sharding(mesh, 1)
     ae_params = jax.device_put(ae_params, sharding.replicated(mesh))
-    lpips_params = jax.device_put(lpips_params, sharding.replicated(mesh))
+    if lpips is not None:
+        lpips_params = jax.device_put(lpips_params, sharding.replicated(mesh))
     psnr, ssim, lpips_d, originals, recons = [], [], [], [], []
     skipped, start = 0, time.perf_counter()
     bar = tqdm(total=n, unit="img", disable=not progress, dynamic_ncols=True)
@@ -131,8 +137,9 @@ def evaluate_tokenizer(source: ImageSource, autoencoder, ae_params, lpips, lpips
         logging.warning("%d of %d images could not be decoded and were skipped", skipped, n)
     result = {"psnr": float(np.mean(np.concatenate(psnr))),
               "ssim": float(np.mean(np.concatenate(ssim))),
-              "lpips": float(np.mean(np.concatenate(lpips_d))),
               "num_images": n - skipped, "num_skipped": skipped}
+    if lpips is not None:
+        result["lpips"] = float(np.mean(np.concatenate(lpips_d)))
     if extract is not None:
         real = extract(np.concatenate(originals))["pool"]
         fake = extract(np.concatenate(recons))["pool"]
@@ -142,3 +149,24 @@ def evaluate_tokenizer(source: ImageSource, autoencoder, ae_params, lpips, lpips
     if keep:
         result["examples"] = (np.concatenate(originals)[:keep], np.concatenate(recons)[:keep])
     return result
+
+
+def load_lpips(config):
+    """(LPIPS module, params): the files of `config.lpips`, or random for the tiny config."""
+    from torchport import load_state_dict
+    from vavae_jax.lpips import LPIPS, params_from_torchvision
+
+    module = LPIPS()
+    vgg, heads = config.lpips.get("vgg16", ""), config.lpips.get("heads", "")
+    if vgg and heads:
+        for path in (vgg, heads):
+            if not os.path.exists(path):
+                raise cli.UserError(f"LPIPS weights {path!r} do not exist")
+        return module, params_from_torchvision(load_state_dict(vgg), load_state_dict(heads),
+                                               sources=(vgg, heads))
+    if not config.get("random_weights_ok", False):
+        raise cli.UserError("config.lpips.vgg16 / config.lpips.heads are empty: LPIPS needs "
+                            "vgg16-397923af.pth and LPIPS vgg.pth (see README)")
+    logging.warning("LPIPS with RANDOM weights (tiny config without config.lpips files)")
+    x = jnp.zeros((1, 32, 32, 3))
+    return module, module.init(jax.random.key(config.seed), x, x)["params"]
