@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, run_module
+from helpers import REPO, run_module, run_processes
 
 from launch import sampling
 
@@ -38,7 +38,15 @@ def _summary(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_killed_run_resumes_to_the_images_of_one_run(tmp_path):
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory):
+    """20 samples in one uninterrupted run (chunks of 12, 2 devices)."""
+    workdir = tmp_path_factory.mktemp("one_run")
+    run_module(*TINY, "--workdir", str(workdir), "--chunk_size", "12", "--grid", "0")
+    return workdir
+
+
+def test_killed_run_resumes_to_the_images_of_one_run(one_run, tmp_path):
     """A run stopped after one chunk (plus a half-written file) finishes on rerun with exactly
     N images, identical to one uninterrupted run with another chunking."""
     first = tmp_path / "resumed"
@@ -50,8 +58,7 @@ def test_killed_run_resumes_to_the_images_of_one_run(tmp_path):
     out = _summary(run_module(*TINY, "--workdir", str(first), "--chunk_size", "8"))
     assert out["images_made"] == 12 and out["shape"] == [20, 32, 32, 3]
 
-    other = tmp_path / "one_run"
-    run_module(*TINY, "--workdir", str(other), "--chunk_size", "12", "--grid", "0")
+    other = one_run
     with np.load(first / "samples.npz") as a, np.load(other / "samples.npz") as b:
         assert a["arr_0"].dtype == np.uint8 and a["arr_0"].shape == (20, 32, 32, 3)
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
@@ -65,3 +72,13 @@ def test_killed_run_resumes_to_the_images_of_one_run(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error:")
     assert "sample" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_two_processes_sample_like_one(one_run, tmp_path):
+    """Two JAX processes (2 devices each) share every batch and write one batch file with the
+    images of a one-process run (up to rounding of the differently sharded computation)."""
+    run_processes(["-m", *TINY, "--workdir", str(tmp_path), "--chunk_size", "8"])
+    with np.load(tmp_path / "samples.npz") as a, np.load(one_run / "samples.npz") as b:
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+        diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
+        assert a["arr_0"].shape == (20, 32, 32, 3) and diff.max() <= 1 and diff.mean() < 0.01
