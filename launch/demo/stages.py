@@ -142,8 +142,6 @@ def _class_names(demo: Demo) -> list[str]:
 
 
 def evaluate(demo: Demo) -> dict:
-    import jax
-
     from launch import evaluation, sharding
     from launch.build import autoencoder
     from launch.data.extraction import load_autoencoder_params
@@ -182,7 +180,6 @@ def evaluate(demo: Demo) -> dict:
     result = evaluation.evaluate(evaluation.Batch("samples", images=samples), real, extract)
     floor = evaluation.evaluate(evaluation.Batch("training shapes", images=train_images[
         np.random.default_rng(0).permutation(len(train_images))[:len(samples)]]), real, extract)
-    del jax
     return {
         "recon_psnr": recon["psnr"], "recon_ssim": recon["ssim"],
         "classifier_accuracy": judge.accuracy(model, params, train_images, train_labels),
