@@ -20,24 +20,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from bench.flops import lightningdit_forward_flops
 from dit_jax import RELEASED_FLAGS, LightningDiT, lightningdit_kwargs
-from dit_jax.model import swiglu_hidden_size
 from dit_jax.train_step import init_train_state, make_optimizer, train_step
 
 
 def forward_flops_per_image(kwargs: dict) -> float:
-    """2 * multiply-accumulates of one forward pass (blocks, attention, embed, final layer)."""
-    d, depth = kwargs["hidden_size"], kwargs["depth"]
-    p, c = kwargs["patch_size"], kwargs["in_channels"]
-    tokens = (kwargs["input_size"] // p) ** 2
-    mlp = (3 * d * swiglu_hidden_size(d, 4.0) if kwargs.get("use_swiglu")
-           else 2 * d * 4 * d)
-    per_token_block = 3 * d * d + d * d + mlp  # qkv, proj, mlp
-    attention = 2 * tokens * tokens * d  # q k^T and attn v
-    adaln = 6 * d * d  # per image, not per token
-    blocks = depth * (tokens * per_token_block + attention + adaln)
-    ends = tokens * (p * p * c * d + d * p * p * c) + 2 * d * d + 256 * d
-    return 2.0 * (blocks + ends)
+    """2 * multiply-accumulates of one forward pass (`bench.flops.lightningdit_forward_flops`)."""
+    return lightningdit_forward_flops(kwargs)
 
 
 def time_fn(fn, *args, steps: int, warmup: int = 2) -> float:

@@ -1,0 +1,242 @@
+"""Side by side with the PyTorch original: upstream's CPU timings and ours, in one invocation.
+
+    python -m bench.compare                                  # train_b1, sample_b1, vae
+    python -m bench.compare --what train_b1 --steps 5 --warmup 2
+
+For each comparison, one after the other: upstream eager, upstream with its `@torch.compile`
+decorators active (`--skip_compile` leaves it out), then ours in this process. Printed: a table
+of seconds per call and of ratios upstream / ours (> 1: ours is faster), taken against the
+faster upstream mode; the last line is one JSON object.
+
+  train_b1   LightningDiT-B/1 training step, batch 8, float32 (upstream: training_losses +
+             backward + AdamW; ours: `bench.train_step`, the loop's jitted step with EMA)
+  sample_b1  one guided model call, batch 8 = 4 conditional + 4 unconditional, t = 0.5, cfg 6.7
+             with the interval on (`bench.sample` with --num_steps 0)
+  vae        f16d32 at 256x256, batch 1: encode (posterior sample) + decode (`bench.vae`)
+
+Upstream's side is `bench_cpu.py` of the shared upstream tools (../shared/upstream), run with
+the reference environment's python on an export of hustvl/LightningDiT. One-time setup:
+
+    # 1. a bare clone of the upstream repository
+    git clone --bare https://github.com/hustvl/LightningDiT /tmp/LightningDiT.git
+    # 2. CPU torch + upstream's dependencies in /tmp/refenv, the work tree exported to
+    #    /tmp/upstream
+    bash ../shared/upstream/setup_refenv.sh /tmp/refenv torch==2.13.0 /tmp/LightningDiT.git \\
+        /tmp/upstream
+
+then `--refenv_python /tmp/refenv/bin/python --upstream_dir /tmp/upstream` (the defaults).
+Torch runs with 2 threads in float32, as XLA here: the machine is shared and noisy, so only the
+ratios of measurements taken minutes apart mean anything; the 1-minute load average is
+recorded before each measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+from bench import common
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_BENCH_CPU = REPO.parent / "shared" / "upstream" / "bench_cpu.py"
+WHATS = ("train_b1", "sample_b1", "vae")
+# the issue's targets: upstream seconds / ours
+TARGETS = {"train_b1": 1.5, "sample_b1": 2.0, "vae": 1.5}
+
+SETUP_HELP = """\
+The upstream side needs the reference environment and an export of hustvl/LightningDiT:
+  missing: {missing}
+Set them up once (see {readme}):
+  1. get the upstream repository as a bare git directory, e.g.
+       git clone --bare https://github.com/hustvl/LightningDiT /tmp/LightningDiT.git
+  2. bash {setup} /tmp/refenv torch==2.13.0 /tmp/LightningDiT.git /tmp/upstream
+then rerun with --refenv_python /tmp/refenv/bin/python --upstream_dir /tmp/upstream
+(the defaults) and --bench_cpu pointing at upstream/bench_cpu.py of the shared tools."""
+
+
+def load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def last_json(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError("no JSON line in the output")
+
+
+def upstream_seconds(what: str, r: dict) -> dict:
+    """{'total': s, parts...} of upstream's result (medians)."""
+    if what == "vae":
+        enc, dec = r["encode"]["median_s"], r["decode"]["median_s"]
+        return {"total": enc + dec, "encode": enc, "decode": dec}
+    return {"total": r["median_s"]}
+
+
+def run_upstream(what: str, compiled: bool, args) -> dict:
+    """One `bench_cpu.py` run in the reference environment; {'error': ...} when it fails."""
+    cmd = [args.refenv_python, str(args.bench_cpu), "--what", what,
+           "--warmup", str(args.warmup), "--repeats", str(args.steps)]
+    if what != "vae":
+        cmd += ["--batch", "8"]
+    if compiled:
+        cmd.append("--compile")
+    env = {**os.environ, "UPSTREAM_DIR": str(args.upstream_dir)}
+    mode = "compile" if compiled else "eager"
+    print(f"[{what}] upstream {mode}: {' '.join(cmd)}", flush=True)
+    start, load_before = time.perf_counter(), load()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                              timeout=args.upstream_timeout)
+        if proc.returncode:
+            raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}")
+        raw = last_json(proc.stdout)
+    except Exception as e:  # one failing mode (e.g. no C++ compiler for inductor) is reported
+        print(f"  failed: {type(e).__name__}: {e}", flush=True)
+        return {"error": f"{type(e).__name__}: {e}"[-800:], "load_before": load_before}
+    seconds = upstream_seconds(what, raw)
+    print(f"  {seconds['total']:.3f} s (load {load_before})", flush=True)
+    return {"seconds": seconds, "wall_s": time.perf_counter() - start,
+            "load_before": load_before, "raw": raw}
+
+
+def run_ours(what: str, args) -> dict:
+    """Our side in this process: {'seconds': {'total': s, ...}, 'raw': result dict}."""
+    tiny = args.tiny
+    load_before = load()
+    print(f"[{what}] ours{' (tiny)' if tiny else ''}", flush=True)
+    if what == "train_b1":
+        from bench import train_step
+
+        r = train_step.run("lightningdit", "tiny" if tiny else "B/1", 8, "float32",
+                           args.steps, args.warmup, peak_matmul_n=256 if tiny else 2048)
+        seconds = {"total": r["step_s"]}
+    elif what == "sample_b1":
+        from bench import sample
+
+        r = sample.run("tiny" if tiny else "B/1", 8, "float32", args.steps, args.warmup,
+                       num_steps=0)
+        seconds = {"total": r["call_s"]}
+    elif what == "vae":
+        from bench import vae
+
+        r = vae.run("tiny" if tiny else "f16d32", 32 if tiny else 256, 1, "float32",
+                    args.steps, args.warmup)
+        seconds = {"total": r["encode_decode_s"], "encode": r["encode_s"],
+                   "decode": r["decode_s"]}
+    else:
+        raise SystemExit(f"unknown --what {what!r}: {', '.join(WHATS)}")
+    print(f"  {seconds['total']:.3f} s (load {load_before})", flush=True)
+    if r.get("mfu") is not None:
+        print(f"  MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:.3f} TFLOP/s "
+              f"({r['peak_source']})", flush=True)
+    return {"seconds": seconds, "load_before": load_before, "raw": r}
+
+
+def compare_one(what: str, args) -> dict:
+    out = {"upstream_eager": run_upstream(what, False, args)}
+    if not args.skip_compile:
+        out["upstream_compile"] = run_upstream(what, True, args)
+    out["ours"] = run_ours(what, args)
+    ok = {mode: r["seconds"] for mode, r in out.items()
+          if mode != "ours" and "seconds" in r}
+    ours = out["ours"]["seconds"]
+    out["target"] = TARGETS[what]
+    for mode, secs in ok.items():
+        out[f"ratio_vs_{mode.removeprefix('upstream_')}"] = secs["total"] / ours["total"]
+    if ok:
+        best = min(ok, key=lambda m: ok[m]["total"])
+        out["upstream_best"] = best.removeprefix("upstream_")
+        out["ratio"] = ok[best]["total"] / ours["total"]
+        out["parts_ratio"] = {k: ok[best][k] / v for k, v in ours.items()}
+        out["meets_target"] = out["ratio"] >= TARGETS[what]
+    if out["ours"]["raw"].get("mfu") is not None:
+        out["ours_mfu"] = out["ours"]["raw"]["mfu"]
+        out["peak_tflops"] = out["ours"]["raw"]["peak_tflops"]
+    return out
+
+
+def print_table(results: dict) -> None:
+    def cell(r, key="total"):
+        return f"{r['seconds'][key]:.3f}" if "seconds" in r else "failed"
+
+    print("\nseconds per call (median); ratio = faster upstream / ours (> 1: ours faster)")
+    header = f"{'what':12s} {'up eager':>9s} {'up compile':>11s} {'ours':>8s} {'ratio':>7s}"
+    print(header + f" {'target':>7s}")
+    for what, r in results.items():
+        parts = list(r["ours"]["seconds"])
+        for part in parts:
+            name = what if part == "total" else f"  {part}"
+            compile_cell = cell(r["upstream_compile"], part) if "upstream_compile" in r else "-"
+            ratio = r.get("parts_ratio", {}).get(part)
+            ratio_cell = f"{ratio:.2f}x" if ratio is not None else "n/a"
+            target = f"{r['target']:.1f}x" if part == "total" else ""
+            print(f"{name:12s} {cell(r['upstream_eager'], part):>9s} {compile_cell:>11s} "
+                  f"{r['ours']['seconds'][part]:8.3f} {ratio_cell:>7s} {target:>7s}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--what", default=",".join(WHATS),
+                        help=f"comma-separated, from {', '.join(WHATS)}")
+    parser.add_argument("--refenv_python", default="/tmp/refenv/bin/python",
+                        help="python of the reference environment (setup_refenv.sh)")
+    parser.add_argument("--upstream_dir", default="/tmp/upstream",
+                        help="exported hustvl/LightningDiT work tree")
+    parser.add_argument("--bench_cpu", default=str(DEFAULT_BENCH_CPU),
+                        help="the shared tools' upstream/bench_cpu.py")
+    parser.add_argument("--skip_compile", action="store_true",
+                        help="upstream eager only (no torch.compile run)")
+    parser.add_argument("--upstream_timeout", type=float, default=1800.0,
+                        help="seconds per upstream run")
+    parser.add_argument("--tiny", action="store_true",
+                        help="our side on the tiny models (tests; the ratios mean nothing)")
+    common.common_args(parser)
+    args = parser.parse_args(argv)
+    common.add_xla_flags(args.xla_flags)
+    whats = [w.strip() for w in args.what.split(",") if w.strip()]
+    unknown = [w for w in whats if w not in WHATS]
+    if unknown:
+        parser.error(f"unknown --what {unknown}: choose from {', '.join(WHATS)}")
+
+    missing = [f"{flag} {path}" for flag, path in (
+        ("--refenv_python", args.refenv_python), ("--upstream_dir", args.upstream_dir),
+        ("--bench_cpu", args.bench_cpu)) if not os.path.exists(path)]
+    if missing:
+        tools = pathlib.Path(args.bench_cpu).parent
+        message = SETUP_HELP.format(missing="; ".join(missing), readme=tools / "README.md",
+                                    setup=tools / "setup_refenv.sh")
+        print(message, file=sys.stderr)
+        common.emit({"bench": "compare", "error": "upstream environment missing",
+                     "missing": missing})
+        raise SystemExit(2)
+
+    started = load()
+    results = {what: compare_one(what, args) for what in whats}
+    print_table(results)
+    summary = {what: {k: v for k, v in r.items() if k not in ("upstream_eager",
+                                                              "upstream_compile", "ours")}
+               for what, r in results.items()}
+    for what, r in results.items():
+        for mode in ("upstream_eager", "upstream_compile", "ours"):
+            if mode in r:
+                summary[what][f"{mode}_s"] = r[mode].get("seconds", {}).get("total")
+                summary[what][f"{mode}_load"] = r[mode].get("load_before")
+                if "error" in r[mode]:
+                    summary[what][f"{mode}_error"] = r[mode]["error"]
+    common.emit({"bench": "compare", "what": whats, "steps": args.steps, "warmup": args.warmup,
+                 "tiny": args.tiny, "load_at_start": started, "load_at_end": load(),
+                 **common.device_info(), "results": summary})
+
+
+if __name__ == "__main__":
+    main()

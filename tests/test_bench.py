@@ -1,0 +1,123 @@
+"""Smoke tests of the side-by-side benchmarks (bench/): each entry point runs on tiny models and
+prints one JSON object as its last line; the explicit FLOP count matches the paper's figure and
+XLA's cost analysis. No timing assertions."""
+
+import json
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bench import compare, sample, train_step, vae
+from bench.common import cost_flops
+from bench.flops import lightningdit_forward_flops, matmul_flops
+from dit_jax import RELEASED_FLAGS, LightningDiT, lightningdit_kwargs
+
+TRAIN_KEYS = {"images_per_s", "tflops_per_s", "mfu", "peak_memory_gb", "compile_s", "dtype",
+              "device", "flops_per_image", "xla_flops_per_image", "peak_tflops", "peak_source"}
+
+
+def last_json(capsys) -> dict:
+    lines = capsys.readouterr().out.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+def test_xl1_forward_flops_is_237_gflop():
+    kwargs = lightningdit_kwargs("LightningDiT-XL/1", **RELEASED_FLAGS)
+    assert lightningdit_forward_flops(kwargs, 256) == pytest.approx(237e9, rel=0.01)
+    assert lightningdit_forward_flops(kwargs) == lightningdit_forward_flops(kwargs, 256)
+
+
+@pytest.mark.parametrize("flags", [dict(RELEASED_FLAGS), dict(in_channels=4, learn_sigma=True)])
+def test_forward_flops_match_xla_cost_analysis(flags):
+    kwargs = {**flags, "input_size": 8, "patch_size": 1, "hidden_size": 256, "depth": 2,
+              "num_heads": 4, "num_classes": 10}
+    model = LightningDiT(**kwargs)
+    c = kwargs["in_channels"]
+    args = (jax.ShapeDtypeStruct((1, 8, 8, c), jnp.float32),
+            jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    params = jax.eval_shape(model.init, jax.random.key(0), *args)
+    forward = lambda p, x, t, y: model.apply(p, x, t, y)
+    explicit = lightningdit_forward_flops(kwargs)
+    assert explicit == pytest.approx(cost_flops(jax.jit(forward).lower(params, *args)),
+                                     rel=0.05)
+    assert explicit == pytest.approx(matmul_flops(forward, params, *args), rel=1e-6)
+
+
+def test_train_step_lightningdit(capsys):
+    train_step.main(["--model", "lightningdit", "--variant", "tiny", "--batch", "4",
+                     "--steps", "1", "--warmup", "0", "--peak_matmul_n", "256"])
+    r = last_json(capsys)
+    assert TRAIN_KEYS <= set(r)
+    assert r["dtype"] == "float32" and r["peak_source"] == "measured f32 matmul"
+    assert r["images_per_s"] > 0 and r["mfu"] > 0 and r["peak_memory_gb"] > 0
+    assert r["flops_per_image"] == pytest.approx(r["xla_flops_per_image"], rel=0.25)
+
+
+def test_variant_names():
+    assert train_step.dit_variant("B/1") == "LightningDiT-B/1"
+    assert train_step.dit_variant("LightningDiT-XL/1") == "LightningDiT-XL/1"
+    with pytest.raises(SystemExit):
+        train_step.dit_variant("Q/7")
+
+
+@pytest.mark.slow  # ~40 s of XLA compilation on CPU
+def test_train_step_vavae(capsys):
+    train_step.main(["--model", "vavae", "--variant", "tiny", "--steps", "1", "--warmup", "0",
+                     "--peak_matmul_n", "256"])
+    r = last_json(capsys)
+    assert TRAIN_KEYS <= set(r) and r["images_per_s"] > 0
+
+
+def test_sample(capsys):
+    sample.main(["--variant", "tiny", "--batch", "4", "--steps", "1", "--warmup", "0",
+                 "--num_steps", "2"])
+    r = last_json(capsys)
+    assert {"calls_per_s", "sample_s", "compile_s", "device"} <= set(r)
+    assert r["cfg_scale"] == 6.7 and r["cfg_channels"] == 3 and r["num_steps"] == 2
+
+
+def test_vae(capsys):
+    vae.main(["--variant", "tiny", "--size", "32", "--steps", "1", "--warmup", "0"])
+    r = last_json(capsys)
+    assert {"encode_s", "decode_s", "compile_s", "device"} <= set(r)
+    assert r["latent_shape"] == [8, 8, 4]
+
+
+FAKE_BENCH_CPU = """
+    import argparse, json
+    p = argparse.ArgumentParser()
+    p.add_argument("--what"); p.add_argument("--compile", action="store_true")
+    p.add_argument("--warmup"); p.add_argument("--repeats"); p.add_argument("--batch")
+    a = p.parse_args()
+    if a.compile:
+        raise SystemExit("inductor unavailable")
+    t = dict(median_s=0.5, min_s=0.4, max_s=0.6)
+    print("noise")
+    print(json.dumps(dict(encode=t, decode=t) if a.what == "vae" else t))
+"""
+
+
+def test_compare_with_a_stub_upstream(capsys, tmp_path):
+    stub = tmp_path / "bench_cpu.py"
+    stub.write_text(textwrap.dedent(FAKE_BENCH_CPU))
+    compare.main(["--what", "sample_b1,vae", "--tiny", "--steps", "1", "--warmup", "0",
+                  "--refenv_python", sys.executable, "--upstream_dir", str(tmp_path),
+                  "--bench_cpu", str(stub)])
+    r = last_json(capsys)
+    assert r["bench"] == "compare" and set(r["results"]) == {"sample_b1", "vae"}
+    for what, upstream_s in (("sample_b1", 0.5), ("vae", 1.0)):
+        res = r["results"][what]
+        assert res["upstream_best"] == "eager" and "upstream_compile_error" in res
+        assert res["ratio"] == pytest.approx(upstream_s / res["ours_s"])
+
+
+def test_compare_explains_missing_setup(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        compare.main(["--refenv_python", str(tmp_path / "nope"), "--upstream_dir",
+                      str(tmp_path)])
+    captured = capsys.readouterr()
+    assert "setup_refenv.sh" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["error"]
