@@ -121,3 +121,20 @@ def test_compare_explains_missing_setup(capsys, tmp_path):
     captured = capsys.readouterr()
     assert "setup_refenv.sh" in captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["error"]
+
+
+def test_collectives_counts_and_equal_losses():
+    from bench import collectives
+
+    hlo = """
+  %all-gather-start.1 = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(%p), dimensions={0}
+  %all-gather-done.1 = f32[16,8]{1,0} all-gather-done(%all-gather-start.1)
+  ROOT %all-reduce.2 = bf16[10]{0} all-reduce(%x), to_apply=%add
+"""
+    found = collectives.count_collectives(hlo)
+    assert found["all-gather"] == {"count": 1, "bytes": 16 * 8 * 4}  # the gathered result
+    assert found["all-reduce"] == {"count": 1, "bytes": 20}
+    rows = collectives.run("tiny", 8, meshes=({"data": 2}, {"fsdp": 4}))
+    assert [r["loss"] for r in rows[1:]] == pytest.approx([rows[0]["loss"]] * 2, rel=1e-5)
+    assert "all-reduce" in rows[1]["collectives"]  # data parallel: gradients all-reduced
+    assert "all-gather" in rows[2]["collectives"]  # fsdp: parameters all-gathered
