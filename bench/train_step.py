@@ -21,11 +21,9 @@ compile time. The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bench import common
@@ -92,30 +90,11 @@ def explicit_flops_per_image(model: str, adapter, state) -> tuple[float, str]:
 
 
 def vavae_flops_per_image(adapter, state) -> float:
-    """Per image, counted over the dot / conv equations of each model: autoencoder forward +
-    backward (x3), discriminator's two calls in the generator step and two with weight
-    gradients in its own step (x8), LPIPS on (x, x_rec) with the gradient to x_rec (x1.5), the
-    frozen DINOv2 forward (x1). The same multipliers as the loop's
-    `VAVAEAdapter.flops_per_example`; the adaptive-weight pullbacks are left out."""
-    models, s = adapter.models, adapter.image_size
-    ae = models.autoencoder
-    x = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-    key = jax.random.key(0)
+    """The loop's VA-VAE count (`VAVAEAdapter.flops_per_example`: the same models and
+    multipliers), with each forward counted over its dot / conv equations instead of XLA's
+    cost analysis."""
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.params)
-    total = 3.0 * matmul_flops(
-        lambda p, x: ae.apply({"params": p}, x, sample_posterior=False)[0], params, x)
-    disc = jax.eval_shape(functools.partial(models.discriminator.init, train=False), key, x)
-    total += 8.0 * matmul_flops(lambda v, x: models.discriminator.apply(v, x, train=False),
-                                disc, x)
-    if models.lpips is not None:
-        lp = jax.eval_shape(models.lpips.init, key, x, x)
-        total += 1.5 * matmul_flops(lambda v, x: models.lpips.apply(v, x, x), lp, x)
-    if models.foundation is not None:
-        grid = s // ae.downsample_factor * 14  # DINOv2 sees 14 x the latent grid
-        xf = jax.ShapeDtypeStruct((1, grid, grid, 3), jnp.float32)
-        vit = jax.eval_shape(models.foundation.init, key, xf)
-        total += matmul_flops(lambda v, x: models.foundation.apply(v, x), vit, xf)
-    return total
+    return adapter.flops_per_example(params, count=matmul_flops)
 
 
 def run(model: str = "lightningdit", variant: str = "B/1", batch: int | None = None,

@@ -43,6 +43,7 @@ from eval_jax.inception import RESOLUTION, InceptionV3
 from torchport import (
     ConversionError,
     Rule,
+    abstract_variables,
     conv_to_flax,
     conv_to_torch,
     linear_to_flax,
@@ -139,8 +140,7 @@ def abstract_params(model: InceptionV3 | None = None) -> dict:
     is allocated)."""
     model = InceptionV3() if model is None else model
     x = jax.ShapeDtypeStruct((1, RESOLUTION, RESOLUTION, 3), jnp.float32)
-    variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    return nn.meta.unbox({k: variables[k] for k in ("params", "batch_stats")})
+    return abstract_variables(model, x, collections=("params", "batch_stats"))
 
 
 def _flax_shapes(model: InceptionV3, rules: list[Rule]) -> dict[tuple[str, ...], Any]:

@@ -142,9 +142,7 @@ def evaluate(samples: Batch, reference: Batch, extract: FeatureExtractor | None,
 
     Statistics stored in a file take precedence over its images (as in the ADM evaluator);
     a metric is left out when the inputs do not allow it (e.g. IS without sample images)."""
-    need_sample_stats = samples.stats is None or samples.spatial_stats is None
-    sample_feats = _features(samples, extract, "sample features") if (
-        need_sample_stats or samples.images is not None) else None
+    sample_feats = _features(samples, extract, "sample features")
     ref_feats = _features(reference, extract, "reference features")
 
     def stats(batch, feats, field, name):

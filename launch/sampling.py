@@ -150,11 +150,9 @@ def generate(generate_fn: Callable, params, decoder_params, labels: np.ndarray, 
     `generate_fn` comes from `make_generate`; `labels` holds all N labels. `max_chunks` stops
     after that many new chunks (to split a long job over time slots)."""
     os.makedirs(os.path.join(workdir, CHUNK_DIR), exist_ok=True)
-    todo = [k for k in range(plan.num_chunks) if not os.path.exists(chunk_path(workdir, k))]
-    if max_chunks is not None:
-        todo = todo[:max_chunks]
-    done_before = plan.num_chunks - len([k for k in range(plan.num_chunks)
-                                         if not os.path.exists(chunk_path(workdir, k))])
+    missing = [k for k in range(plan.num_chunks) if not os.path.exists(chunk_path(workdir, k))]
+    todo = missing if max_chunks is None else missing[:max_chunks]
+    done_before = plan.num_chunks - len(missing)
     if done_before:
         logging.info("resuming: %d of %d chunks already written", done_before, plan.num_chunks)
     if not todo:

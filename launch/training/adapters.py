@@ -261,29 +261,30 @@ class VAVAEAdapter:
                      path)
         return state.replace(params=jax.device_put(params, shardings.params))
 
-    def flops_per_example(self, params) -> float:
+    def flops_per_example(self, params, count=forward_flops) -> float:
         """Per image: autoencoder forward + backward (x3); frozen DINOv2 forward (x1); LPIPS on
         (x, x_rec) with the gradient to x_rec (x1.5); the discriminator's two calls in the
         generator step and two with weight gradients in its own step (x8). The adaptive-weight
-        pullbacks and the VF loss are left out (< 1%)."""
+        pullbacks and the VF loss are left out (< 1%). `count(fn, *abstract_args)` gives one
+        forward's FLOPs (default: XLA's cost analysis)."""
         s = self.image_size
         x = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
         key = jax.random.key(0)
         m = self.models
         ae = m.autoencoder
-        total = 3.0 * forward_flops(
+        total = 3.0 * count(
             lambda p, x: ae.apply({"params": p}, x, sample_posterior=False)[0], params, x)
         disc = jax.eval_shape(functools.partial(m.discriminator.init, train=False), key, x)
-        total += 8.0 * forward_flops(
+        total += 8.0 * count(
             lambda v, x: m.discriminator.apply(v, x, train=False), disc, x)
         if m.lpips is not None:
             lp = jax.eval_shape(m.lpips.init, key, x, x)
-            total += 1.5 * forward_flops(lambda v, x: m.lpips.apply(v, x, x), lp, x)
+            total += 1.5 * count(lambda v, x: m.lpips.apply(v, x, x), lp, x)
         if m.foundation is not None:
             grid = s // ae.downsample_factor * 14  # DINOv2 sees 14 x the latent grid
             xf = jax.ShapeDtypeStruct((1, grid, grid, 3), jnp.float32)
             vit = jax.eval_shape(m.foundation.init, key, xf)
-            total += forward_flops(lambda v, x: m.foundation.apply(v, x), vit, xf)
+            total += count(lambda v, x: m.foundation.apply(v, x), vit, xf)
         return total
 
     def visualise(self, state, batch, rng) -> np.ndarray:
