@@ -3,7 +3,7 @@
 Numerically identical to upstream ``models/lightningdit.py`` in float32 (see tests/), with the
 same constructor arguments. Extras for JAX: `dtype` (compute dtype, e.g. bfloat16, while the
 residual stream and parameters stay float32), `remat` (activation checkpointing per block) and
-`attention_impl` (forwarded to `jax.nn.dot_product_attention`).
+`attention_impl` (see `dit_jax.layers.dot_product_attention`).
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ class LightningDiTBlock(nn.Module):
         # Zero-initialised adaLN: every block starts as the identity.
         mod = Dense((n_mod, d), ("embed", None, None), kernel_init=nn.initializers.zeros_init(),
                     name="adaLN_modulation", **kw)(nn.silu(c))  # (B, n_mod, D)
+        # Modulation and gating run in float32 on the float32 residual stream (torch's type
+        # promotion under autocast); only the matmuls use `dtype`.
+        mod = mod.astype(jnp.float32)
         if self.wo_shift:
             scale_msa, gate_msa, scale_mlp, gate_mlp = (mod[:, i] for i in range(4))
             shift_msa = shift_mlp = None
@@ -115,7 +118,7 @@ class FinalLayer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         zeros = nn.initializers.zeros_init()
         mod = Dense((2, self.hidden_size), ("embed", None, None), kernel_init=zeros,
-                    name="adaLN_modulation", **kw)(nn.silu(c))
+                    name="adaLN_modulation", **kw)(nn.silu(c)).astype(jnp.float32)
         shift, scale = mod[:, 0], mod[:, 1]
         x = modulate(make_norm(self.use_rmsnorm, name="norm_final", **kw)(x), shift, scale)
         out = self.patch_size * self.patch_size * self.out_channels

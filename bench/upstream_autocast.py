@@ -1,0 +1,102 @@
+"""Upstream's LightningDiT under torch's CPU bf16 autocast (what Accelerate's bf16 mode does).
+
+Run with the reference environment's python, not ours (`bench.compare --dtype bfloat16` does):
+
+    /tmp/refenv/bin/python bench/upstream_autocast.py --what train_b1 [--compile] \
+        [--shared ../shared/upstream] [--upstream_dir /tmp/upstream]
+
+The float32 measurements come from ``../shared/upstream/bench_cpu.py``; this script times the
+same upstream objects (LightningDiT-B/1 with the released flags on 16x16x32 latents; the
+transport's training loss + backward + AdamW; one guided ``forward_with_cfg`` call) with
+``torch.autocast('cpu', torch.bfloat16)`` around the forward, master weights float32, 2
+threads. Prints one JSON object per run as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def timed(fn, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "repeats": times}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--what", choices=("train_b1", "sample_b1"), required=True)
+    parser.add_argument("--compile", action="store_true",
+                        help="keep upstream's @torch.compile decorators active")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shared", default=os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "upstream"))
+    parser.add_argument("--upstream_dir", default=os.environ.get("UPSTREAM_DIR", "/tmp/upstream"))
+    args = parser.parse_args()
+
+    os.environ["UPSTREAM_DIR"] = args.upstream_dir
+    sys.path.insert(0, os.path.abspath(args.shared))
+    import _common  # the shared tools' import shim for upstream (torchvision, sys.path)
+    import torch
+
+    _common.UPSTREAM_DIR = args.upstream_dir
+    _common.setup(eager=not args.compile, threads=2)
+    torch.set_num_threads(2)
+    from models.lightningdit import LightningDiT_models
+    from transport import create_transport
+
+    torch.manual_seed(0)
+    flags = dict(use_qknorm=False, use_swiglu=True, use_rope=True, use_rmsnorm=True,
+                 wo_shift=False, in_channels=32, num_classes=1000, input_size=16)
+    model = LightningDiT_models["LightningDiT-B/1"](**flags)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    b = args.batch
+
+    if args.what == "train_b1":
+        model.train()
+        transport = create_transport("Linear", "velocity", None, None, None,
+                                     use_cosine_loss=True, use_lognorm=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0,
+                                betas=(0.9, 0.95))
+        x, y = torch.randn(b, 32, 16, 16), torch.randint(0, 1000, (b,))
+
+        def call():
+            with autocast():
+                terms = transport.training_losses(model, x, dict(y=y))
+                loss = terms["cos_loss"].mean() + terms["loss"].mean()
+            opt.zero_grad()
+            loss.float().backward()
+            opt.step()
+    else:
+        model.eval()
+        n = b // 2
+        z = torch.randn(n, 32, 16, 16)
+        x = torch.cat([z, z])
+        y = torch.cat([torch.randint(0, 1000, (n,)), torch.full((n,), 1000)])
+        t = torch.full((b,), 0.5)
+
+        def call():
+            with torch.no_grad(), autocast():
+                model.forward_with_cfg(x, t, y, 6.7, cfg_interval=True, cfg_interval_start=0.125)
+
+    result = timed(call, args.warmup, args.repeats)
+    result.update(what=args.what, batch=b, dtype="bfloat16 autocast", compile=args.compile,
+                  torch=torch.__version__, threads=torch.get_num_threads())
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
