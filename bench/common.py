@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -107,6 +108,10 @@ def memory(compiled, device=None) -> dict:
     if device_stats and "peak_bytes_in_use" in device_stats:
         out["peak_memory_gb"] = device_stats["peak_bytes_in_use"] / GB
         out["peak_memory_source"] = "device.memory_stats()['peak_bytes_in_use']"
+    if device.platform == "cpu":
+        # the whole process's high-water mark in GiB (runtime, compiler and host copies
+        # included): what upstream's CPU benchmark reports for torch, so the two compare
+        out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
 
 
@@ -131,10 +136,11 @@ def random_params(abstract, seed: int = 0):
 
 
 def measured_matmul_tflops(n: int = 2048, repeats: int = 7, dtype=jnp.float32) -> float:
-    """Best TFLOP/s of a jitted (n, n) @ (n, n) matmul in `dtype` over `repeats` runs."""
+    """Best TFLOP/s of a jitted (n, n) @ (n, n) matmul of `dtype` operands over `repeats` runs,
+    accumulated (and returned) in float32, as the models' matmuls are."""
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=dtype))
+    matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     jax.block_until_ready(matmul(a, b))
     best = float("inf")
     for _ in range(repeats):
@@ -144,16 +150,19 @@ def measured_matmul_tflops(n: int = 2048, repeats: int = 7, dtype=jnp.float32) -
     return 2.0 * n**3 / best / 1e12
 
 
-def device_peak(device=None, matmul_n: int = 2048) -> tuple[float, str]:
+def device_peak(device=None, matmul_n: int = 2048, dtype: str = "float32") -> tuple[float, str]:
     """(peak TFLOP/s, where it comes from): the known dense bf16 peak of a GPU / TPU chip, or on
-    CPU (and unknown chips) a float32 matmul measured now."""
+    CPU (and unknown chips) a matmul of `dtype` operands (float32 accumulation) measured now:
+    a bfloat16 run's MFU is then taken against the bfloat16 rate, here about twice float32's."""
     device = device or jax.devices()[0]
     kind = device.device_kind.lower()
     if device.platform != "cpu":
         for key, peak in KNOWN_PEAKS:
             if key in kind:
                 return peak, f"table: {device.device_kind} dense bf16"
-    return measured_matmul_tflops(matmul_n), "measured f32 matmul"
+    name = "bf16" if dtype == "bfloat16" else "f32" if dtype == "float32" else dtype
+    return (measured_matmul_tflops(matmul_n, dtype=jnp_dtype(dtype)),
+            f"measured {name} matmul")
 
 
 def device_info() -> dict:

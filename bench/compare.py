@@ -2,6 +2,7 @@
 
     python -m bench.compare                                  # train_b1, sample_b1, vae
     python -m bench.compare --what train_b1 --steps 5 --warmup 2
+    python -m bench.compare --what train_b1,sample_b1 --dtype bfloat16
 
 For each comparison, one after the other: upstream eager, upstream with its `@torch.compile`
 decorators active (`--skip_compile` leaves it out), then ours in this process. Printed: a table
@@ -25,7 +26,10 @@ the reference environment's python on an export of hustvl/LightningDiT. One-time
         /tmp/upstream
 
 then `--refenv_python /tmp/refenv/bin/python --upstream_dir /tmp/upstream` (the defaults).
-Torch runs with 2 threads in float32, as XLA here: the machine is shared and noisy, so only the
+`--dtype bfloat16` runs our side in bfloat16 and upstream's train_b1 / sample_b1 under torch's
+CPU bf16 autocast, as Accelerate trains it (`bench/upstream_torch.py`); the VA-VAE stays
+float32 on both sides (upstream never runs it under autocast).
+Torch runs with 2 threads, as XLA here: the machine is shared and noisy, so only the
 ratios of measurements taken minutes apart mean anything; the 1-minute load average is
 recorded before each measurement.
 """
@@ -44,6 +48,7 @@ from bench import common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_BENCH_CPU = REPO.parent / "shared" / "upstream" / "bench_cpu.py"
+UPSTREAM_TORCH_SCRIPT = REPO / "bench" / "upstream_torch.py"
 WHATS = ("train_b1", "sample_b1", "vae")
 # the issue's targets: upstream seconds / ours
 TARGETS = {"train_b1": 1.5, "sample_b1": 2.0, "vae": 1.5}
@@ -83,9 +88,15 @@ def upstream_seconds(what: str, r: dict) -> dict:
 
 
 def run_upstream(what: str, compiled: bool, args) -> dict:
-    """One `bench_cpu.py` run in the reference environment; {'error': ...} when it fails."""
-    cmd = [args.refenv_python, str(args.bench_cpu), "--what", what,
-           "--warmup", str(args.warmup), "--repeats", str(args.steps)]
+    """One `bench_cpu.py` (float32) or `upstream_torch.py` (bf16 autocast) run in the
+    reference environment; {'error': ...} when it fails."""
+    if dtype_of(what, args) == "bfloat16":
+        cmd = [args.refenv_python, str(UPSTREAM_TORCH_SCRIPT), "--what", what,
+               "--dtype", "bfloat16", "--shared", str(pathlib.Path(args.bench_cpu).parent),
+               "--upstream_dir", str(args.upstream_dir)]
+    else:
+        cmd = [args.refenv_python, str(args.bench_cpu), "--what", what]
+    cmd += ["--warmup", str(args.warmup), "--repeats", str(args.steps)]
     if what != "vae":
         cmd += ["--batch", "8"]
     if compiled:
@@ -109,21 +120,25 @@ def run_upstream(what: str, compiled: bool, args) -> dict:
             "load_before": load_before, "raw": raw}
 
 
+def dtype_of(what: str, args) -> str:
+    return "float32" if what == "vae" else args.dtype
+
+
 def run_ours(what: str, args) -> dict:
     """Our side in this process: {'seconds': {'total': s, ...}, 'raw': result dict}."""
-    tiny = args.tiny
+    tiny, dtype = args.tiny, dtype_of(what, args)
     load_before = load()
     print(f"[{what}] ours{' (tiny)' if tiny else ''}", flush=True)
     if what == "train_b1":
         from bench import train_step
 
-        r = train_step.run("lightningdit", "tiny" if tiny else "B/1", 8, "float32",
+        r = train_step.run("lightningdit", "tiny" if tiny else "B/1", 8, dtype,
                            args.steps, args.warmup, peak_matmul_n=256 if tiny else 2048)
         seconds = {"total": r["step_s"]}
     elif what == "sample_b1":
         from bench import sample
 
-        r = sample.run("tiny" if tiny else "B/1", 8, "float32", args.steps, args.warmup,
+        r = sample.run("tiny" if tiny else "B/1", 8, dtype, args.steps, args.warmup,
                        num_steps=0)
         seconds = {"total": r["call_s"]}
     elif what == "vae":
@@ -151,6 +166,7 @@ def compare_one(what: str, args) -> dict:
           if mode != "ours" and "seconds" in r}
     ours = out["ours"]["seconds"]
     out["target"] = TARGETS[what]
+    out["dtype"] = dtype_of(what, args)
     for mode, secs in ok.items():
         out[f"ratio_vs_{mode.removeprefix('upstream_')}"] = secs["total"] / ours["total"]
     if ok:
@@ -198,6 +214,8 @@ def main(argv=None):
                         help="upstream eager only (no torch.compile run)")
     parser.add_argument("--upstream_timeout", type=float, default=1800.0,
                         help="seconds per upstream run")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="train_b1 / sample_b1 precision on both sides (vae: float32)")
     parser.add_argument("--tiny", action="store_true",
                         help="our side on the tiny models (tests; the ratios mean nothing)")
     common.common_args(parser)
@@ -233,7 +251,8 @@ def main(argv=None):
                 summary[what][f"{mode}_load"] = r[mode].get("load_before")
                 if "error" in r[mode]:
                     summary[what][f"{mode}_error"] = r[mode]["error"]
-    common.emit({"bench": "compare", "what": whats, "steps": args.steps, "warmup": args.warmup,
+    common.emit({"bench": "compare", "what": whats, "dtype": args.dtype,
+                 "steps": args.steps, "warmup": args.warmup,
                  "tiny": args.tiny, "load_at_start": started, "load_at_end": load(),
                  **common.device_info(), "results": summary})
 

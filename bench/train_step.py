@@ -99,14 +99,16 @@ def vavae_flops_per_image(adapter, state) -> float:
 
 def run(model: str = "lightningdit", variant: str = "B/1", batch: int | None = None,
         dtype: str = "float32", steps: int = 5, warmup: int = 2, peak: bool = True,
-        peak_matmul_n: int = 2048) -> dict:
+        peak_matmul_n: int = 2048, remat: bool = False) -> dict:
     """Build, compile and time the step; returns the result dict (see the module docstring).
     `peak=False` skips the peak measurement (mfu then is None); on CPU the peak is the best
-    (peak_matmul_n)^3 float32 matmul, measured before and after the timed steps."""
+    (peak_matmul_n)^3 matmul in `dtype`, measured before and after the timed steps. `remat`
+    checkpoints each LightningDiT block (config.model.remat)."""
     common.jnp_dtype(dtype)
     batch = batch or DEFAULT_BATCH[model]
     if model == "lightningdit":
         config = dit_config(variant, dtype)
+        config.model.remat = remat
     elif model == "vavae":
         config = vavae_config(variant, dtype)
     else:
@@ -142,17 +144,17 @@ def run(model: str = "lightningdit", variant: str = "B/1", batch: int | None = N
 
     # CPU peak: measured before and after the timed steps, the better one kept (a neighbour's
     # burst during the ~0.5 s measurement would otherwise inflate the MFU)
-    peaks = [common.device_peak(matmul_n=peak_matmul_n)] if peak else []
+    peaks = [common.device_peak(matmul_n=peak_matmul_n, dtype=dtype)] if peak else []
     timing = common.time_calls(one_step, steps=steps, warmup=warmup)
     if peak:
-        peaks.append(common.device_peak(matmul_n=peak_matmul_n))
+        peaks.append(common.device_peak(matmul_n=peak_matmul_n, dtype=dtype))
     mem = common.memory(compiled)
     images_per_s = batch / timing["median_s"]
     tflops = images_per_s * flops_per_image / 1e12
     result = {
         "bench": "train_step", "model": model,
         "variant": config.model.variant if model == "lightningdit" else config.variant,
-        "batch": batch, "dtype": dtype, "steps": steps, "warmup": warmup,
+        "batch": batch, "dtype": dtype, "remat": remat, "steps": steps, "warmup": warmup,
         "images_per_s": images_per_s, "step_s": timing["median_s"],
         "step_min_s": timing["min_s"], "step_max_s": timing["max_s"],
         "tflops_per_s": tflops, "flops_per_image": flops_per_image,
@@ -197,13 +199,15 @@ def main(argv=None):
                         help="per step (default: lightningdit 8, vavae 1)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--peak_matmul_n", type=int, default=2048,
-                        help="CPU: size of the float32 matmul whose best speed is the peak")
+                        help="CPU: size of the matmul (in --dtype) whose best speed is the peak")
+    parser.add_argument("--remat", action="store_true",
+                        help="lightningdit: rematerialise each block in the backward")
     common.common_args(parser)
     args = parser.parse_args(argv)
     common.add_xla_flags(args.xla_flags)
     variant = args.variant or ("B/1" if args.model == "lightningdit" else "f16d32")
     r = run(args.model, variant, args.batch, args.dtype, args.steps, args.warmup,
-            peak_matmul_n=args.peak_matmul_n)
+            peak_matmul_n=args.peak_matmul_n, remat=args.remat)
     report(r)
     common.emit(r)
 

@@ -86,6 +86,9 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
     config.init_from = ""
     # a NaN / Inf loss or gradient norm: 'stop' (naming the step and metric) or 'skip' the update
     config.nan_policy = "stop"
+    # jax.transfer_guard around every step after the first: 'allow', 'log' or 'disallow' (an
+    # implicit host<->device copy in the loop is logged / raises; explicit ones are fine)
+    config.transfer_guard = "allow"
     # latents in upstream's layout (launch.data.latents): `latents` or `latents_flip` with
     # p = 0.5, normalised with latents_stats.pt, as upstream's ImgLatentDataset
     config.data = ml_collections.ConfigDict({

@@ -75,6 +75,9 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
     config.init_from = ""
     # a NaN / Inf loss or gradient norm: 'stop' (naming the step and metric) or 'skip' the update
     config.nan_policy = "stop"
+    # jax.transfer_guard around every step after the first: 'allow', 'log' or 'disallow' (an
+    # implicit host<->device copy in the loop is logged / raises; explicit ones are fine)
+    config.transfer_guard = "allow"
     config.data = data_config()
     # latent extraction (python -m launch.extract_latents): ADM center crop of data.image_size,
     # each image and its mirror encoded, `shard_size` latents per file as upstream

@@ -29,6 +29,10 @@ def xavier_uniform(in_ndim: int, out_ndim: int) -> Initializer:
     )
 
 
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
 def _accumulation_dtype(dtype: Dtype) -> Dtype:
     """float32 accumulation (and result) for 16-bit inputs: torch autocast's numerics, and on
     CPU the only fast bf16 matmul (bf16 -> bf16 dots run slower than float32 there)."""
@@ -43,11 +47,12 @@ def _dot(x: jax.Array, y: jax.Array, contract: tuple, batch: tuple = ((), ()),
     XLA:CPU runs bf16 x bf16 -> f32 dots at twice the float32 rate through YNNPACK, but only
     in the canonical (batch, free, contracted) x (batch, contracted, free) row-major form; it
     sends some other forms to a fallback that rejects this type combination, and transposes
-    others into layouts it then runs slowly. 16-bit operands are therefore transposed into
-    that form explicitly (`_materialise`). float32 dots are left to XLA.
+    others into layouts it then runs slowly. On CPU, 16-bit operands are therefore transposed
+    into that form explicitly (`_materialise`); float32 dots, and every dot on GPU / TPU, are
+    left to XLA.
     """
     accumulate, out_dtype = _accumulation_dtype(x.dtype), out_dtype or x.dtype
-    if accumulate != x.dtype:
+    if accumulate != x.dtype and _on_cpu():
         (x_contract, y_contract), (x_batch, y_batch) = contract, batch
         x_free = [a for a in range(x.ndim) if a not in (*x_contract, *x_batch)]
         y_free = [a for a in range(y.ndim) if a not in (*y_contract, *y_batch)]
@@ -65,7 +70,9 @@ def _dot(x: jax.Array, y: jax.Array, contract: tuple, batch: tuple = ((), ()),
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def dense_matmul(x: jax.Array, kernel: jax.Array, in_ndim: int) -> jax.Array:
-    """x (*lead, *K) @ kernel (*K, *F) -> (*lead, *F), K = the last `in_ndim` axes of x.
+    """x (*lead, *K) @ kernel (*K, *F) -> (*lead, *F), K = the last `in_ndim` axes of x; the
+    kernel (a parameter, any dtype) is cast to x's dtype inside, so the backward keeps the
+    parameter itself, not a second low-precision copy of every weight.
 
     The result is float32 for 16-bit inputs (the accumulator), else x's dtype. The explicit
     backward (dx = g . kernel^T over F, dkernel = x^T . g over the leading axes) runs both
@@ -79,14 +86,15 @@ def dense_matmul(x: jax.Array, kernel: jax.Array, in_ndim: int) -> jax.Array:
 
 def _dense_forward(x, kernel, in_ndim):
     contract = (tuple(range(x.ndim - in_ndim, x.ndim)), tuple(range(in_ndim)))
-    return _dot(x, kernel, contract, out_dtype=_accumulation_dtype(x.dtype)), (x, kernel)
+    y = _dot(x, kernel.astype(x.dtype), contract, out_dtype=_accumulation_dtype(x.dtype))
+    return y, (x, kernel)
 
 
 def _dense_backward(in_ndim, residuals, g):
     x, kernel = residuals
     g = g.astype(x.dtype)
     out_ndim = kernel.ndim - in_ndim
-    dx = _dot(g, kernel, (tuple(range(g.ndim - out_ndim, g.ndim)),
+    dx = _dot(g, kernel.astype(x.dtype), (tuple(range(g.ndim - out_ndim, g.ndim)),
                           tuple(range(in_ndim, kernel.ndim))))
     lead = tuple(range(x.ndim - in_ndim))
     dkernel = _dot(x, g, (lead, lead)).astype(kernel.dtype)
@@ -124,7 +132,7 @@ class Dense(nn.Module):
         )
         # float32 accumulator (for 16-bit dtypes) + bias, rounded once, as torch autocast's
         # Linear; the bias gradient then reduces in float32.
-        y = dense_matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.in_ndim)
+        y = dense_matmul(x.astype(self.dtype), kernel, self.in_ndim)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -385,9 +393,9 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def _swap(a: jax.Array) -> jax.Array:
-    """(N, A, B) -> (N, B, A), materialised row-major for 16-bit inputs (see `_dot`)."""
+    """(N, A, B) -> (N, B, A), materialised row-major for 16-bit inputs on CPU (see `_dot`)."""
     a = a.transpose(0, 2, 1)
-    return _materialise(a) if a.dtype.itemsize < 4 else a
+    return _materialise(a) if a.dtype.itemsize < 4 and _on_cpu() else a
 
 
 def _materialise(a: jax.Array) -> jax.Array:

@@ -114,6 +114,36 @@ def test_compare_with_a_stub_upstream(capsys, tmp_path):
         assert res["ratio"] == pytest.approx(upstream_s / res["ours_s"])
 
 
+FAKE_AUTOCAST = """
+    import argparse, json
+    p = argparse.ArgumentParser()
+    p.add_argument("--what"); p.add_argument("--compile", action="store_true")
+    p.add_argument("--warmup"); p.add_argument("--repeats"); p.add_argument("--batch")
+    p.add_argument("--shared", required=True); p.add_argument("--upstream_dir", required=True)
+    p.add_argument("--dtype", choices=["bfloat16"], required=True)
+    a = p.parse_args()
+    print(json.dumps(dict(median_s=0.25, min_s=0.2, max_s=0.3, dtype="bfloat16 autocast")))
+"""
+
+
+def test_compare_bfloat16_runs_upstream_under_autocast(capsys, tmp_path, monkeypatch):
+    """--dtype bfloat16: the guided call goes to the autocast runner (upstream in bf16) and
+    ours runs in bfloat16; the VA-VAE stays float32 on both sides."""
+    stub, autocast = tmp_path / "bench_cpu.py", tmp_path / "autocast.py"
+    stub.write_text(textwrap.dedent(FAKE_BENCH_CPU))
+    autocast.write_text(textwrap.dedent(FAKE_AUTOCAST))
+    monkeypatch.setattr(compare, "UPSTREAM_TORCH_SCRIPT", autocast)
+    compare.main(["--what", "sample_b1,vae", "--tiny", "--steps", "1", "--warmup", "0",
+                  "--dtype", "bfloat16", "--skip_compile", "--refenv_python", sys.executable,
+                  "--upstream_dir", str(tmp_path), "--bench_cpu", str(stub)])
+    r = last_json(capsys)
+    assert r["dtype"] == "bfloat16"
+    assert r["results"]["sample_b1"]["dtype"] == "bfloat16"
+    assert r["results"]["sample_b1"]["upstream_eager_s"] == 0.25
+    assert r["results"]["vae"]["dtype"] == "float32"
+    assert r["results"]["vae"]["upstream_eager_s"] == 1.0
+
+
 def test_compare_explains_missing_setup(capsys, tmp_path):
     with pytest.raises(SystemExit):
         compare.main(["--refenv_python", str(tmp_path / "nope"), "--upstream_dir",

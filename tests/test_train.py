@@ -325,3 +325,88 @@ def test_sample_and_convert_read_a_training_run(uninterrupted, tmp_path):
 
     exported = load_file(tmp_path / "ema.safetensors")
     assert "x_embedder.proj.weight" in exported
+
+
+def test_transfer_guard_steady_state_makes_no_implicit_copies(latents, tmp_path):
+    """`transfer_guard='disallow'`: after the compiling step, batches, metrics, checkpoints and
+    sample grids move between host and devices only by explicit copies."""
+    summary = train(config(latents, total_steps=4, log_every=2, ckpt_every=3, sample_every=2,
+                           transfer_guard="disallow"), str(tmp_path))
+    assert summary["final_step"] == 4 and summary["compilations"] == 1
+    assert np.isfinite(summary["loss"]) and sorted(losses(tmp_path)) == [2, 4]
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [3, 4]
+    assert (tmp_path / "images" / "samples_00000004.png").exists()
+
+
+
+def _host_batches_after_the_first(monkeypatch):
+    """The batch left on the host (numpy) and handed to the jitted step."""
+    original = GlobalBatchIterator.__next__
+
+    def next_batch(self):
+        batch = original(self)
+        return batch if self.step == 1 else jax.device_get(batch)
+
+    monkeypatch.setattr(GlobalBatchIterator, "__next__", next_batch)
+
+
+def _unsharded_batches_after_the_first(monkeypatch):
+    """The batch put on the default device without its sharding: the step moves it."""
+    original = GlobalBatchIterator.__next__
+
+    def next_batch(self):
+        batch = original(self)
+        return batch if self.step == 1 else jax.device_put(jax.device_get(batch))
+
+    monkeypatch.setattr(GlobalBatchIterator, "__next__", next_batch)
+
+
+def _step_read_back_before_a_save(monkeypatch):
+    """`int()` of the state's step counter (on the devices) before a checkpoint."""
+    from launch.training.checkpointing import Checkpointer
+
+    original = Checkpointer.save
+
+    def save(self, step, *, state, **kwargs):
+        return original(self, int(state.step), state=state, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+
+
+@pytest.mark.parametrize(("introduce", "direction"), [
+    (_host_batches_after_the_first, "host-to-device"),
+    (_unsharded_batches_after_the_first, "device-to-device"),
+    (_step_read_back_before_a_save, "device-to-host")])
+def test_transfer_guard_rejects_an_implicit_copy(latents, tmp_path, monkeypatch, introduce,
+                                                 direction):
+    """The negative control: an implicit copy slipped into the steady state raises."""
+    if direction == "device-to-host" and jax.default_backend() == "cpu":
+        pytest.skip("XLA:CPU gives numpy the device buffer without a copy, so JAX never "
+                    "guards device-to-host reads there (jax-ml/jax#16602)")
+    introduce(monkeypatch)
+    with pytest.raises(jax.errors.JaxRuntimeError, match=f"Disallowed {direction} transfer"):
+        train(config(latents, total_steps=2, ckpt_every=2, transfer_guard="disallow"),
+              str(tmp_path))
+
+
+def test_transfer_guard_level_is_checked(latents, tmp_path):
+    from launch.cli import UserError
+
+    with pytest.raises(UserError, match="config.transfer_guard='strict'"):
+        train(config(latents, transfer_guard="strict"), str(tmp_path))
+
+
+@pytest.mark.slow  # ~60 s on 2 CPU cores, mostly compiling the VA-VAE step
+def test_transfer_guard_vavae_steady_state(tmp_path):
+    from configs.vavae import get_config as vavae_config
+    from launch.data.procedural import write_shapes_dataset
+
+    c = vavae_config("tiny")
+    c.update(total_steps=4, log_every=2, ckpt_every=3, sample_every=2, transfer_guard="disallow")
+    c.data.update(path=str(write_shapes_dataset(tmp_path / "shapes", image_size=32,
+                                                images_per_class=4)),
+                  procedural_images_per_class=0)
+    c.mesh.update(data=2, fsdp=4)
+    summary = train(c, str(tmp_path / "run"))
+    assert summary["final_step"] == 4 and summary["compilations"] == 1
+    assert (tmp_path / "run" / "images" / "samples_00000004.png").exists()

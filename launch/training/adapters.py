@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
 
 from launch import build, sharding
 from launch import images as image_grids
@@ -133,11 +134,14 @@ class LightningDiTAdapter:
 
         m = self.model
         n = 8
-        noise = jax.random.normal(rng, (n, m.input_size, m.input_size, m.in_channels))
-        labels = jnp.arange(n) % m.num_classes
-        sample = functools.partial(sample_latents, m, method="euler", num_steps=16,
-                                   timestep_shift=0.0, cfg_scale=1.0)
-        latents = np.asarray(jax.jit(sample)(state.ema_params, noise, labels, rng))
+
+        def sample(params, rng):  # noise and labels made on the devices: no host copies
+            noise = jax.random.normal(rng, (n, m.input_size, m.input_size, m.in_channels))
+            labels = jnp.arange(n) % m.num_classes
+            return sample_latents(m, params, noise, labels, rng, method="euler", num_steps=16,
+                                  timestep_shift=0.0, cfg_scale=1.0)
+
+        latents = jax.device_get(jax.jit(sample)(state.ema_params, rng))
         decode = self._tokenizer()
         if decode is None:
             preview = image_grids.latent_preview(latents)
@@ -158,13 +162,16 @@ class LightningDiTAdapter:
         vavae_config = get_config(tokenizer.variant)
         vae = build.autoencoder(vavae_config)
         one_device = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
-        params = load_autoencoder_params(vavae_config, vae, tokenizer.checkpoint or None,
-                                         one_device)
+        # loaded once, at the first grid: not a per-step copy, so exempt from the loop's guard
+        with jax.transfer_guard("allow"):
+            params = load_autoencoder_params(vavae_config, vae, tokenizer.checkpoint or None,
+                                             one_device)
         data = self.config.data
         mean, std = (load_or_compute_stats(LatentShardSource(data.path)) if data.latent_norm
                      else (0.0, 1.0))
         decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))
-        return lambda x: np.asarray(decode(params, x * std / data.latent_multiplier + mean))
+        return lambda x: jax.device_get(decode(  # explicit copies (config.transfer_guard)
+            params, jax.device_put(x * std / data.latent_multiplier + mean)))
 
 
 class VAVAEAdapter:
@@ -293,11 +300,17 @@ class VAVAEAdapter:
 
         del rng
         ae = self.models.autoencoder
-        x = to_model_range(jnp.asarray(np.asarray(batch["image"])[:8]), "taming")
-        recon = jax.jit(lambda p, x: ae.apply({"params": p}, x, sample_posterior=False)[0])(
-            state.params, x)
-        both = np.concatenate([image_grids.to_uint8(np.asarray(x)),
-                               image_grids.to_uint8(np.asarray(recon))])
+
+        def reconstruct(params, images):
+            x = to_model_range(images[:8], "taming")
+            return x, ae.apply({"params": params}, x, sample_posterior=False)[0]
+
+        # sliced and reconstructed on the devices, replicated so that every process can fetch
+        # them, then copied explicitly (config.transfer_guard)
+        replicated = NamedSharding(batch["image"].sharding.mesh, PartitionSpec())
+        x, recon = jax.device_get(jax.jit(reconstruct, out_shardings=replicated)(
+            state.params, batch["image"]))
+        both = np.concatenate([image_grids.to_uint8(x), image_grids.to_uint8(recon)])
         return image_grids.make_grid(both, ncols=len(x), upscale=max(1, 64 // self.image_size))
 
 

@@ -4,6 +4,14 @@ Sections, in order: mesh and model; state (born sharded, or restored from the ne
 checkpoint, or initialised from released weights); data (positioned at the restored step);
 the jitted step; the loop with metrics, grids, checkpoints and the preemption check.
 
+With `config.transfer_guard` = 'log' or 'disallow', every iteration after the first (the one
+that compiles) runs under `jax.transfer_guard`: the loop's intended copies are explicit (the
+batch by `jax.make_array_from_process_local_data`, metrics by `jax.device_get` every
+`log_every` steps, sample grids by `jax.device_put` / `jax.device_get`) or exempt (checkpoint
+saves, the grid tokenizer's one-time load, the multi-host stop-signal exchange), so any other
+host<->device or device<->device copy in the steady state is logged or raises. (XLA:CPU never
+guards device-to-host reads: numpy shares the buffer, jax-ml/jax#16602.)
+
 Rerunning the same command in the same workdir continues where the last checkpoint left off,
 bit-identically on the same mesh: the state, the data position and every random key (derived
 from (config.seed, step)) are restored.
@@ -11,6 +19,7 @@ from (config.seed, step)) are restored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +36,8 @@ from launch.cli import UserError
 from launch.training.adapters import make_adapter
 from launch.training.checkpointing import Checkpointer, abstract_with_shardings
 from launch.training.metrics import MetricLogger
+
+TRANSFER_GUARD_LEVELS = ("allow", "log", "disallow")
 
 
 class NonFiniteError(FloatingPointError):
@@ -52,7 +63,8 @@ class StopSignal:
         """True on every process when any process got a signal (one collective)."""
         if jax.process_count() == 1:
             return self.received is not None
-        flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+        with jax.transfer_guard("allow"):  # an intended exchange of one flag per process
+            flags = multihost_utils.process_allgather(np.int32(self.received is not None))
         return bool(np.any(flags))
 
     def restore(self) -> None:
@@ -96,6 +108,10 @@ def config_dict(config) -> dict:
 def train(config, workdir: str) -> dict:
     """Train `config` in `workdir` up to `config.total_steps`; returns the last logged metrics."""
     # -- mesh and model ----------------------------------------------------------------------
+    guard_level = config.get("transfer_guard") or "allow"
+    if guard_level not in TRANSFER_GUARD_LEVELS:
+        raise UserError(f"config.transfer_guard={guard_level!r}: expected one of "
+                        f"{TRANSFER_GUARD_LEVELS}")
     adapter = make_adapter(config)
     devices = jax.devices()[: config.get("num_devices") or None]  # 0: every device
     mesh = sharding.create_mesh(dict(config.mesh), devices)
@@ -132,6 +148,10 @@ def train(config, workdir: str) -> dict:
 
     # -- the step: compiled once, state donated ------------------------------------------------
     replicated = sharding.replicated(mesh)
+    # replicated over the mesh once (not copied to it every step); the same key on every
+    # process, so this works across hosts where a device_put to the mesh would not
+    step_rng = jax.random.wrap_key_data(jax.make_array_from_process_local_data(
+        replicated, np.asarray(jax.random.key_data(step_rng))))
     logger = MetricLogger(workdir, total_steps=config.total_steps, batch_size=batch_size,
                           flops_per_example=adapter.flops_per_example(
                               adapter.inference_params(nn.meta.unbox(abstract_boxed))),
@@ -142,8 +162,11 @@ def train(config, workdir: str) -> dict:
     history: list[tuple[int, dict]] = []
     last = {}
     step = start_step
+    guard = contextlib.ExitStack()  # jax.transfer_guard(guard_level) from the second iteration
     try:
         while step < config.total_steps:
+            if step == start_step + 1 and guard_level != "allow":
+                guard.enter_context(jax.transfer_guard(guard_level))
             batch = next(data)
             if step_fn is None:
                 batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
@@ -173,7 +196,9 @@ def train(config, workdir: str) -> dict:
                 last = logger.write(step, mean)
                 history = []
             if config.get("sample_every") and step % config.sample_every == 0:
-                grid = adapter.visualise(state, batch, jax.random.fold_in(step_rng, step))
+                step_on_mesh = jax.make_array_from_process_local_data(
+                    replicated, np.asarray(step, np.uint32))
+                grid = adapter.visualise(state, batch, jax.random.fold_in(step_rng, step_on_mesh))
                 logger.write_grid(step, "samples", grid)
 
             # -- checkpoints, preemption ---------------------------------------------------
@@ -192,6 +217,7 @@ def train(config, workdir: str) -> dict:
                                 "command to continue", step)
                 break
     finally:
+        guard.close()
         stop.restore()
         checkpointer.close()  # waits for the last asynchronous save
         data.close()

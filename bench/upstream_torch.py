@@ -1,22 +1,28 @@
-"""Upstream's LightningDiT under torch's CPU bf16 autocast (what Accelerate's bf16 mode does).
+"""Upstream's LightningDiT step or guided call on CPU, in float32 or under torch's bf16
+autocast (what Accelerate's bf16 mode does), optionally with train.py's EMA update.
 
 Run with the reference environment's python, not ours (`bench.compare --dtype bfloat16` does):
 
-    /tmp/refenv/bin/python bench/upstream_autocast.py --what train_b1 [--compile] \
-        [--shared ../shared/upstream] [--upstream_dir /tmp/upstream]
+    /tmp/refenv/bin/python bench/upstream_torch.py --what train_b1 --dtype bfloat16 \
+        [--compile] [--shared ../shared/upstream] [--upstream_dir /tmp/upstream]
+    /tmp/refenv/bin/python bench/upstream_torch.py --what train --variant XL/1 --batch 2 \
+        --ema --steps 2                      # memory: peak_rss_gib, as bench.train_step
 
-The float32 measurements come from ``../shared/upstream/bench_cpu.py``; this script times the
-same upstream objects (LightningDiT-B/1 with the released flags on 16x16x32 latents; the
-transport's training loss + backward + AdamW; one guided ``forward_with_cfg`` call) with
-``torch.autocast('cpu', torch.bfloat16)`` around the forward, master weights float32, 2
-threads. Prints one JSON object per run as its last line.
+The same upstream objects as ``../shared/upstream/bench_cpu.py`` (LightningDiT with the
+released flags on 16x16x32 latents; the transport's training loss + backward + AdamW; one
+guided ``forward_with_cfg`` call), 2 threads; bf16 puts ``torch.autocast('cpu',
+torch.bfloat16)`` around the forward (master weights float32), and `--ema` adds train.py's
+``update_ema`` (decay 0.9999) on a float32 copy of the model, which our step always does.
+Prints one JSON object as its last line, with the process's peak RSS in GiB.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -36,7 +42,11 @@ def timed(fn, warmup: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--what", choices=("train_b1", "sample_b1"), required=True)
+    parser.add_argument("--what", choices=("train", "train_b1", "sample", "sample_b1"),
+                        required=True, help="train_b1 / sample_b1 = B/1 (bench.compare's names)")
+    parser.add_argument("--variant", default="B/1", help="B/1, XL/1, ... (LightningDiT-*)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--ema", action="store_true", help="train: also update an EMA copy")
     parser.add_argument("--compile", action="store_true",
                         help="keep upstream's @torch.compile decorators active")
     parser.add_argument("--batch", type=int, default=8)
@@ -61,17 +71,20 @@ def main() -> None:
     torch.manual_seed(0)
     flags = dict(use_qknorm=False, use_swiglu=True, use_rope=True, use_rmsnorm=True,
                  wo_shift=False, in_channels=32, num_classes=1000, input_size=16)
-    model = LightningDiT_models["LightningDiT-B/1"](**flags)
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    variant = "B/1" if args.what.endswith("_b1") else args.variant
+    model = LightningDiT_models[f"LightningDiT-{variant}"](**flags)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16,  # noqa: E731
+                                      enabled=args.dtype == "bfloat16")
     b = args.batch
 
-    if args.what == "train_b1":
+    if args.what.startswith("train"):
         model.train()
         transport = create_transport("Linear", "velocity", None, None, None,
                                      use_cosine_loss=True, use_lognorm=True)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0,
                                 betas=(0.9, 0.95))
         x, y = torch.randn(b, 32, 16, 16), torch.randint(0, 1000, (b,))
+        ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
 
         def call():
             with autocast():
@@ -80,6 +93,10 @@ def main() -> None:
             opt.zero_grad()
             loss.float().backward()
             opt.step()
+            if ema is not None:  # train.py's update_ema
+                with torch.no_grad():
+                    for e, p in zip(ema.parameters(), model.parameters()):
+                        e.mul_(0.9999).add_(p.data, alpha=1 - 0.9999)
     else:
         model.eval()
         n = b // 2
@@ -93,8 +110,11 @@ def main() -> None:
                 model.forward_with_cfg(x, t, y, 6.7, cfg_interval=True, cfg_interval_start=0.125)
 
     result = timed(call, args.warmup, args.repeats)
-    result.update(what=args.what, batch=b, dtype="bfloat16 autocast", compile=args.compile,
-                  torch=torch.__version__, threads=torch.get_num_threads())
+    result.update(what=args.what, variant=variant, batch=b, ema=args.ema,
+                  dtype="bfloat16 autocast" if args.dtype == "bfloat16" else "float32",
+                  compile=args.compile, torch=torch.__version__,
+                  threads=torch.get_num_threads(),
+                  peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     print(json.dumps(result))
 
 
