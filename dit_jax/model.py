@@ -3,7 +3,7 @@
 Numerically identical to upstream ``models/lightningdit.py`` in float32 (see tests/), with the
 same constructor arguments. Extras for JAX: `dtype` (compute dtype, e.g. bfloat16, while the
 residual stream and parameters stay float32), `remat` (activation checkpointing per block) and
-`attention_impl` (see `dit_jax.layers.dot_product_attention`).
+`attention_impl` (see `dit_jax.ops.dot_product_attention`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The explicit matmul / attention paths of dit_jax.layers against JAX's own ops.
+"""The explicit matmul / attention paths of dit_jax.ops against JAX's own ops.
 
 `dense_matmul` and `attention_core` carry hand-written backward passes (and, in bf16 on CPU,
 explicit layout changes): their values and gradients must equal what autodiff of the plain
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dit_jax import LightningDiT
-from dit_jax.layers import dense_matmul, dot_product_attention
+from dit_jax.ops import dense_matmul, dot_product_attention
 
 
 def _relative(a, b):

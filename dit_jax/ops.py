@@ -1,0 +1,163 @@
+"""Matmul and attention with explicit backward passes: LightningDiT's fast paths.
+
+`dense_matmul` is every LightningDiT matmul (float32 accumulation for 16-bit inputs, both
+gradient matmuls in the compute dtype, as torch autocast); `dot_product_attention` picks the
+explicit `attention_core` on CPU and ``jax.nn.dot_product_attention`` (cuDNN flash attention
+where available) on GPU / TPU. Both equal the plain JAX ops within float32 rounding
+(tests/test_dit_fast_paths.py); what each buys on CPU is measured in README "Benchmarks".
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def _accumulation_dtype(dtype: Dtype) -> Dtype:
+    """float32 accumulation (and result) for 16-bit inputs: torch autocast's numerics, and on
+    CPU the only fast bf16 matmul (bf16 -> bf16 dots run slower than float32 there)."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+
+
+def _dot(x: jax.Array, y: jax.Array, contract: tuple, batch: tuple = ((), ()),
+         out_dtype: Dtype | None = None) -> jax.Array:
+    """``lax.dot_general(x, y, (contract, batch))`` with float32 accumulation, cast to
+    `out_dtype` (default: x's dtype).
+
+    XLA:CPU runs bf16 x bf16 -> f32 dots at twice the float32 rate through YNNPACK, but only
+    in the canonical (batch, free, contracted) x (batch, contracted, free) row-major form; it
+    sends some other forms to a fallback that rejects this type combination, and transposes
+    others into layouts it then runs slowly. On CPU, 16-bit operands are therefore transposed
+    into that form explicitly (`_materialise`); float32 dots, and every dot on GPU / TPU, are
+    left to XLA.
+    """
+    accumulate, out_dtype = _accumulation_dtype(x.dtype), out_dtype or x.dtype
+    if accumulate != x.dtype and _on_cpu():
+        (x_contract, y_contract), (x_batch, y_batch) = contract, batch
+        x_free = [a for a in range(x.ndim) if a not in (*x_contract, *x_batch)]
+        y_free = [a for a in range(y.ndim) if a not in (*y_contract, *y_batch)]
+        x_order, y_order = (*x_batch, *x_free, *x_contract), (*y_batch, *y_contract, *y_free)
+        if x_order != tuple(range(x.ndim)):
+            x = _materialise(x.transpose(x_order))
+        if y_order != tuple(range(y.ndim)):
+            y = _materialise(y.transpose(y_order))
+        nb, nc = len(x_batch), len(x_contract)
+        contract = (tuple(range(x.ndim - nc, x.ndim)), tuple(range(nb, nb + nc)))
+        batch = (tuple(range(nb)), tuple(range(nb)))
+    out = jax.lax.dot_general(x, y, (contract, batch), preferred_element_type=accumulate)
+    return out.astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense_matmul(x: jax.Array, kernel: jax.Array, in_ndim: int) -> jax.Array:
+    """x (*lead, *K) @ kernel (*K, *F) -> (*lead, *F), K = the last `in_ndim` axes of x; the
+    kernel (a parameter, any dtype) is cast to x's dtype inside, so the backward keeps the
+    parameter itself, not a second low-precision copy of every weight.
+
+    The result is float32 for 16-bit inputs (the accumulator), else x's dtype. The explicit
+    backward (dx = g . kernel^T over F, dkernel = x^T . g over the leading axes) runs both
+    gradient matmuls in x's dtype with float32 accumulation (torch autocast's backward), where
+    JAX's own transpose rule would mix a float32 cotangent with 16-bit operands: measured on
+    this CPU, a (2048 x 768) @ (768 x 3072) forward + backward in bfloat16 takes a third of
+    the time, and in float32 no longer.
+    """
+    return _dense_forward(x, kernel, in_ndim)[0]
+
+
+def _dense_forward(x, kernel, in_ndim):
+    contract = (tuple(range(x.ndim - in_ndim, x.ndim)), tuple(range(in_ndim)))
+    y = _dot(x, kernel.astype(x.dtype), contract, out_dtype=_accumulation_dtype(x.dtype))
+    return y, (x, kernel)
+
+
+def _dense_backward(in_ndim, residuals, g):
+    x, kernel = residuals
+    g = g.astype(x.dtype)
+    out_ndim = kernel.ndim - in_ndim
+    dx = _dot(g, kernel.astype(x.dtype), (tuple(range(g.ndim - out_ndim, g.ndim)),
+                          tuple(range(in_ndim, kernel.ndim))))
+    lead = tuple(range(x.ndim - in_ndim))
+    dkernel = _dot(x, g, (lead, lead)).astype(kernel.dtype)
+    return dx, dkernel
+
+
+dense_matmul.defvjp(_dense_forward, _dense_backward)
+
+
+@jax.custom_vjp
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T) v over (N, T, hd) inputs, N = batch x heads, q already scaled.
+
+    Scores and softmax in float32 whatever the input dtype; the probabilities are saved for
+    the backward (ds = p * (dp - rowsum(dp * p))). Every matmul is written as a plain batched
+    (M, K) x (K, P) product and only the small (T, hd) operands are ever transposed, never a
+    (T, T) one: on CPU this runs the B/1 attention several times faster than
+    ``jax.nn.dot_product_attention``'s XLA path, most of all in bfloat16.
+    """
+    return _attention_forward(q, k, v)[0]
+
+
+def _swap(a: jax.Array) -> jax.Array:
+    """(N, A, B) -> (N, B, A), materialised row-major for 16-bit inputs on CPU (see `_dot`)."""
+    a = a.transpose(0, 2, 1)
+    return _materialise(a) if a.dtype.itemsize < 4 and _on_cpu() else a
+
+
+def _materialise(a: jax.Array) -> jax.Array:
+    """`a` as a row-major copy XLA can neither fold into its consumer nor give another
+    layout: a barrier on the flattened array (one possible layout), then a free reshape."""
+    return jax.lax.optimization_barrier(a.reshape(-1)).reshape(a.shape)
+
+
+def _bmm(a: jax.Array, b: jax.Array, out_dtype: Dtype | None = None) -> jax.Array:
+    """(N, M, K) x (N, K, P) -> (N, M, P), float32 accumulation."""
+    return _dot(a, b, ((2,), (1,)), ((0,), (0,)), out_dtype=out_dtype)
+
+
+def _attention_forward(q, k, v):
+    scores = _bmm(q, _swap(k), out_dtype=jnp.float32)  # (N, Tq, Tk)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return _bmm(probs, v), (q, k, v, probs)
+
+
+def _attention_backward(residuals, g):
+    q, k, v, probs = residuals
+    g = g.astype(v.dtype)
+    dv = _swap(_bmm(_swap(g), probs))  # (p^T g)^T = g^T p
+    dprobs = _bmm(g, _swap(v), out_dtype=jnp.float32)
+    p32 = probs.astype(jnp.float32)
+    dscores = (p32 * (dprobs - jnp.sum(dprobs * p32, axis=-1, keepdims=True))).astype(q.dtype)
+    dq = _bmm(dscores, k)
+    dk = _swap(_bmm(_swap(q), dscores))  # (ds^T q)^T = q^T ds
+    return dq, dk, dv
+
+
+attention_core.defvjp(_attention_forward, _attention_backward)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          implementation: str | None = None) -> jax.Array:
+    """Scaled dot-product attention, (B, T, H, hd) in and out.
+
+    implementation: None picks `attention_core` on CPU and ``jax.nn.dot_product_attention``
+    (cuDNN flash attention where available) elsewhere; 'explicit' forces the former; 'xla'
+    and 'cudnn' are passed to the latter.
+    """
+    if implementation is None:
+        implementation = "explicit" if jax.default_backend() == "cpu" else None
+    if implementation != "explicit":
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    # 1/sqrt(hd) is folded into q (exact for power-of-two head sizes).
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    b, t, h, hd = q.shape
+    heads_major = lambda a: a.transpose(0, 2, 1, 3).reshape(b * h, t, hd)
+    out = attention_core(heads_major(q), heads_major(k), heads_major(v))
+    return out.reshape(b, h, t, hd).transpose(0, 2, 1, 3)
