@@ -99,8 +99,9 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     Scores and softmax in float32 whatever the input dtype; the probabilities are saved for
     the backward (ds = p * (dp - rowsum(dp * p))). Every matmul is written as a plain batched
     (M, K) x (K, P) product and only the small (T, hd) operands are ever transposed, never a
-    (T, T) one: on CPU this runs the B/1 attention several times faster than
-    ``jax.nn.dot_product_attention``'s XLA path, most of all in bfloat16.
+    (T, T) one. On CPU, per B/1 layer at batch 8, forward: 10 ms against 24 ms for
+    ``jax.nn.dot_product_attention``'s XLA path, forward + backward 35-40 against 51 ms in
+    float32 and 16 ms in bfloat16.
     """
     return _attention_forward(q, k, v)[0]
 
@@ -152,7 +153,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     and 'cudnn' are passed to the latter.
     """
     if implementation is None:
-        implementation = "explicit" if jax.default_backend() == "cpu" else None
+        implementation = "explicit" if _on_cpu() else None
     if implementation != "explicit":
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     # 1/sqrt(hd) is folded into q (exact for power-of-two head sizes).
