@@ -43,7 +43,13 @@ def add_xla_flags(flags: str) -> None:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 def common_args(parser, *, steps: int = 5, warmup: int = 2) -> None:
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="compute dtype (bench.compare: train_b1 / sample_b1 on both sides; "
+                             "the VA-VAE stays float32)")
     parser.add_argument("--steps", type=int, default=steps, help="timed calls (median taken)")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls first")
     parser.add_argument("--xla_flags", default="",
@@ -51,7 +57,7 @@ def common_args(parser, *, steps: int = 5, warmup: int = 2) -> None:
 
 
 def jnp_dtype(name: str):
-    if name not in ("float32", "bfloat16"):
+    if name not in DTYPES:
         raise SystemExit(f"--dtype {name!r}: float32 or bfloat16")
     return jnp.dtype(name)
 
@@ -160,9 +166,8 @@ def device_peak(device=None, matmul_n: int = 2048, dtype: str = "float32") -> tu
         for key, peak in KNOWN_PEAKS:
             if key in kind:
                 return peak, f"table: {device.device_kind} dense bf16"
-    name = "bf16" if dtype == "bfloat16" else "f32" if dtype == "float32" else dtype
-    return (measured_matmul_tflops(matmul_n, dtype=jnp_dtype(dtype)),
-            f"measured {name} matmul")
+    short = {"float32": "f32", "bfloat16": "bf16"}[jnp_dtype(dtype).name]
+    return measured_matmul_tflops(matmul_n, dtype=jnp_dtype(dtype)), f"measured {short} matmul"
 
 
 def device_info() -> dict:

@@ -214,8 +214,6 @@ def main(argv=None):
                         help="upstream eager only (no torch.compile run)")
     parser.add_argument("--upstream_timeout", type=float, default=1800.0,
                         help="seconds per upstream run")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="train_b1 / sample_b1 precision on both sides (vae: float32)")
     parser.add_argument("--tiny", action="store_true",
                         help="our side on the tiny models (tests; the ratios mean nothing)")
     common.common_args(parser)

@@ -25,11 +25,6 @@ from dit_jax import RELEASED_FLAGS, LightningDiT, lightningdit_kwargs
 from dit_jax.train_step import init_train_state, make_optimizer, train_step
 
 
-def forward_flops_per_image(kwargs: dict) -> float:
-    """2 * multiply-accumulates of one forward pass (`bench.flops.lightningdit_forward_flops`)."""
-    return lightningdit_forward_flops(kwargs)
-
-
 def time_fn(fn, *args, steps: int, warmup: int = 2) -> float:
     """Seconds per call after compilation (blocks on the result)."""
     out = None
@@ -83,7 +78,7 @@ def main():
                     use_rmsnorm=True)
     else:
         base = lightningdit_kwargs(args.variant, **RELEASED_FLAGS)
-    flops = 3 * forward_flops_per_image(base)  # training step ~ 3x forward
+    flops = 3 * lightningdit_forward_flops(base)  # training step ~ 3x forward
     variants = {
         "float32": dict(dtype=jnp.float32),
         "bfloat16": dict(dtype=jnp.bfloat16),

@@ -105,7 +105,6 @@ def main(argv=None):
     parser.add_argument("--variant", default="B/1", help="B/1, XL/1, LightningDiT-L/2, tiny")
     parser.add_argument("--batch", type=int, default=8,
                         help="rows per model call: half conditional, half unconditional")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--num_steps", type=int, default=250,
                         help="Euler steps of the whole-sample timing (0: skip it)")
     common.common_args(parser)

@@ -197,7 +197,6 @@ def main(argv=None):
                              "configs/vavae.py variant, or tiny")
     parser.add_argument("--batch", type=int, default=None,
                         help="per step (default: lightningdit 8, vavae 1)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--peak_matmul_n", type=int, default=2048,
                         help="CPU: size of the matmul (in --dtype) whose best speed is the peak")
     parser.add_argument("--remat", action="store_true",

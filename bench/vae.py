@@ -76,7 +76,6 @@ def main(argv=None):
                         help="f16d32, any configs/vavae.py variant, or tiny")
     parser.add_argument("--size", type=int, default=256, help="image height = width")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     common.common_args(parser)
     args = parser.parse_args(argv)
     common.add_xla_flags(args.xla_flags)
