@@ -10,6 +10,7 @@ where available) on GPU / TPU. Both equal the plain JAX ops within float32 round
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,17 @@ Dtype = jnp.dtype
 
 def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
+
+
+def _one_cpu_device() -> bool:
+    """Traced for one CPU device (no mesh, or a one-device one): only then are the operand
+    layouts pinned below (`_transpose`, `_swap`). A pinned layout is a flattened array, which
+    SPMD cannot partition along a transposed sharded axis: on a sharded mesh it would
+    all-gather the activations (`bench.collectives`), so there XLA keeps its own forms."""
+    if not _on_cpu():
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
 
 
 def _accumulation_dtype(dtype: Dtype) -> Dtype:
@@ -36,8 +48,9 @@ def _dot(x: jax.Array, y: jax.Array, contract: tuple, batch: tuple = ((), ()),
     in the canonical (batch, free, contracted) x (batch, contracted, free) row-major form; it
     sends some other forms to a fallback that rejects this type combination, and transposes
     others into layouts it then runs slowly. On CPU, 16-bit operands are therefore transposed
-    into that form explicitly (`_materialise`); float32 dots, and every dot on GPU / TPU, are
-    left to XLA.
+    into that form explicitly (`_materialise`). On one CPU device the callers already pass
+    that form in every dtype (`_matmul_nt`, `_matmul_tn`, `_swap`); float32 dots on a sharded
+    mesh, and every dot on GPU / TPU, are left to XLA.
     """
     accumulate, out_dtype = _accumulation_dtype(x.dtype), out_dtype or x.dtype
     if accumulate != x.dtype and _on_cpu():
@@ -73,20 +86,72 @@ def dense_matmul(x: jax.Array, kernel: jax.Array, in_ndim: int) -> jax.Array:
 
 
 def _dense_forward(x, kernel, in_ndim):
-    contract = (tuple(range(x.ndim - in_ndim, x.ndim)), tuple(range(in_ndim)))
-    y = _dot(x, kernel.astype(x.dtype), contract, out_dtype=_accumulation_dtype(x.dtype))
-    return y, (x, kernel)
+    out_shape = x.shape[:x.ndim - in_ndim] + kernel.shape[in_ndim:]
+    out_dtype = _accumulation_dtype(x.dtype)
+    if _one_cpu_device():
+        x2, w2 = _as_matrices(x, kernel.astype(x.dtype), in_ndim)
+        y = _dot(x2, w2, ((1,), (0,)), out_dtype=out_dtype)
+    else:
+        contract = (tuple(range(x.ndim - in_ndim, x.ndim)), tuple(range(in_ndim)))
+        y = _dot(x, kernel.astype(x.dtype), contract, out_dtype=out_dtype)
+    return y.reshape(out_shape), (x, kernel)
 
 
 def _dense_backward(in_ndim, residuals, g):
     x, kernel = residuals
     g = g.astype(x.dtype)
-    out_ndim = kernel.ndim - in_ndim
-    dx = _dot(g, kernel.astype(x.dtype), (tuple(range(g.ndim - out_ndim, g.ndim)),
-                          tuple(range(in_ndim, kernel.ndim))))
-    lead = tuple(range(x.ndim - in_ndim))
-    dkernel = _dot(x, g, (lead, lead)).astype(kernel.dtype)
-    return dx, dkernel
+    if _one_cpu_device():
+        x2, w2 = _as_matrices(x, kernel.astype(x.dtype), in_ndim)
+        g2 = g.reshape(x2.shape[0], w2.shape[1])
+        dx = _matmul_nt(g2, w2).reshape(x.shape)
+        dkernel = _matmul_tn(x2, g2).reshape(kernel.shape)
+    else:  # sharded: the unflattened axes keep their shardings (see `_one_cpu_device`)
+        out_axes = tuple(range(in_ndim, kernel.ndim))
+        dx = _dot(g, kernel.astype(x.dtype), (tuple(range(g.ndim - len(out_axes), g.ndim)),
+                                              out_axes))
+        lead = tuple(range(x.ndim - in_ndim))
+        dkernel = _dot(x, g, (lead, lead))
+    return dx, dkernel.astype(kernel.dtype)
+
+
+def _as_matrices(x, kernel, in_ndim):
+    """x (*lead, *K) -> (M, K) and kernel (*K, *F) -> (K, N): free reshapes, so that every
+    transpose below is a 2-D one (XLA:CPU runs a (768, 6, 768) -> (6, 768, 768) transpose
+    of the same bytes five times slower than the (768, 4608) -> (4608, 768) one)."""
+    k = math.prod(kernel.shape[:in_ndim])
+    return x.reshape(-1, k), kernel.reshape(k, -1)
+
+
+def _transpose(a: jax.Array) -> jax.Array:
+    """a (R, C) -> (C, R) between two barriers, so XLA keeps the operand chosen here (without
+    the inner one it folds the transpose of a matmul's result into the matmul)."""
+    return _materialise(_materialise(a).T)
+
+
+def _matmul_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a (M, N) . b (K, N)^T -> (M, K), in a's dtype, on one CPU device.
+
+    XLA:CPU's matmuls take row-major (M, N) x (N, K) operands only, so one operand gets
+    transposed: b (K x N elements) or, when that is larger, a and the result (the adaLN
+    matmuls: M = batch, K x N = a weight matrix)."""
+    m, n = a.shape
+    k = b.shape[0]
+    if k * n > m * n + m * k:
+        return _transpose(_dot(b, _transpose(a), ((1,), (0,))))
+    return _dot(a, _transpose(b), ((1,), (0,)))
+
+
+def _matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a (M, K)^T . b (M, N) -> (K, N), in a's dtype (the weight gradient), on one CPU device.
+
+    The smaller of the two transposes: a, or b and the result; XLA alone transposes a
+    whatever the sizes (for the SwiGLU output matmul, a (2048 x 2048) activation where the
+    (2048 x 768) gradient would do)."""
+    m, k = a.shape
+    n = b.shape[1]
+    if m * k > m * n + k * n:
+        return _transpose(_dot(_transpose(b), a, ((1,), (0,))))
+    return _dot(_transpose(a), b, ((1,), (0,)))
 
 
 dense_matmul.defvjp(_dense_forward, _dense_backward)
@@ -107,7 +172,10 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def _swap(a: jax.Array) -> jax.Array:
-    """(N, A, B) -> (N, B, A), materialised row-major for 16-bit inputs on CPU (see `_dot`)."""
+    """(N, A, B) -> (N, B, A), pinned row-major on one CPU device (see `_transpose`); on a
+    sharded CPU mesh only for 16-bit inputs (see `_dot`)."""
+    if _one_cpu_device():
+        return _materialise(_materialise(a).transpose(0, 2, 1))
     a = a.transpose(0, 2, 1)
     return _materialise(a) if a.dtype.itemsize < 4 and _on_cpu() else a
 

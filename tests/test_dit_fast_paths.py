@@ -23,7 +23,8 @@ def _relative(a, b):
 @pytest.mark.parametrize("in_ndim, x_shape, k_shape", [
     (1, (2, 5, 12), (12, 3, 4, 6)),   # qkv-like: chunked output axes
     (2, (2, 5, 4, 6), (4, 6, 12)),    # attention proj: two contracted axes
-    (1, (3, 12), (12, 2, 12)),        # adaLN: few rows
+    (1, (3, 12), (12, 2, 12)),        # adaLN: few rows (dx through transposed g and result)
+    (1, (2, 20, 16), (16, 4)),        # SwiGLU output: wide input (dkernel through g^T x)
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_matmul_value_and_gradients(in_ndim, x_shape, k_shape, dtype):
