@@ -277,7 +277,11 @@ def test_train_step_sharded_equals_single_device(mesh_shape):
                        out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
         new_state, metrics = step(sharded, batch, jax.random.key(1), frozen)
     for key, want in ref_metrics.items():
-        np.testing.assert_allclose(metrics[key], want, rtol=1e-4, atol=1e-6, err_msg=key)
+        # d_weight is a quotient of gradient norms at the last decoder conv; the GAN loss's is
+        # ~2e3 times smaller than the NLL's at this initialisation, so the sharded summation
+        # order moves it more than the losses: 2.3e-3 relative on one CI machine's CPU.
+        rtol = 1e-2 if key == "d_weight" else 1e-4
+        np.testing.assert_allclose(metrics[key], want, rtol=rtol, atol=1e-6, err_msg=key)
     flat_ref = jax.tree_util.tree_leaves_with_path(ref_state)
     lr = 1e-4
     for (path, want), got in zip(flat_ref, jax.tree.leaves(new_state)):
