@@ -2,8 +2,11 @@
 
 import os
 
+from helpers import xla_flags
+
 # Must happen before jax is imported anywhere: sharding tests need 8 devices on a CPU host.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Subprocesses the tests start inherit the flags.
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

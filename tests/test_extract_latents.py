@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from flax import linen as nn
-from helpers import REPO, run_module, run_processes
+from helpers import REPO, run_module, run_processes, xla_flags
 from safetensors import safe_open
 
 from configs.lightningdit import get_config as dit_config
@@ -120,7 +120,7 @@ def test_rerun_after_a_kill_gives_the_same_latents(extracted, tmp_path):
 
 
 def run_failing(*args):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     proc = subprocess.run([sys.executable, "-m", "launch.extract_latents", *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
