@@ -7,7 +7,10 @@
 For each comparison, one after the other: upstream eager, upstream with its `@torch.compile`
 decorators active (`--skip_compile` leaves it out), then ours in this process. Printed: a table
 of seconds per call and of ratios upstream / ours (> 1: ours is faster), taken against the
-faster upstream mode; the last line is one JSON object.
+faster upstream mode; the last line is one JSON object. Before and after, each side's matmul
+library is timed on this CPU (XLA's here, torch's by `bench/torch_matmul.py` in the reference
+environment), and each call's FLOP/s is given as a fraction of its own library's peak: on a CPU
+where torch's matmuls are faster than XLA's, that tells the programs apart from the libraries.
 
   train_b1   LightningDiT-B/1 training step, batch 8, float32 (upstream: training_losses +
              backward + AdamW; ours: `bench.train_step`, the loop's jitted step with EMA)
@@ -49,6 +52,7 @@ from bench import common
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_BENCH_CPU = REPO.parent / "shared" / "upstream" / "bench_cpu.py"
 UPSTREAM_TORCH_SCRIPT = REPO / "bench" / "upstream_torch.py"
+TORCH_MATMUL_SCRIPT = REPO / "bench" / "torch_matmul.py"
 WHATS = ("train_b1", "sample_b1", "vae")
 # the issue's targets: upstream seconds / ours
 TARGETS = {"train_b1": 1.5, "sample_b1": 2.0, "vae": 1.5}
@@ -157,6 +161,58 @@ def run_ours(what: str, args) -> dict:
     return {"seconds": seconds, "load_before": load_before, "raw": r}
 
 
+def flops_per_call(what: str, raw: dict) -> float | None:
+    """FLOPs of one measured call (the same model on both sides), from our side's result."""
+    if what == "train_b1":
+        return raw["flops_per_image"] * raw["batch"]
+    if what == "sample_b1":
+        return raw["flops_per_call"]
+    return raw["batch"] * (raw["encode_flops_per_image"] + raw["decode_flops_per_image"])
+
+
+def matmul_peaks(args) -> dict:
+    """Each side's own matmul library on this CPU now: {'xla': {dtype: TFLOP/s}, 'torch':
+    {dtype: TFLOP/s}} (torch's from the reference environment; absent when that fails)."""
+    n = 256 if args.tiny else 2048
+    dtypes = sorted({"float32", args.dtype})
+    peaks = {"xla": {d: common.measured_matmul_tflops(n, dtype=common.jnp_dtype(d))
+                     for d in dtypes}}
+    cmd = [args.refenv_python, str(TORCH_MATMUL_SCRIPT), "--n", str(n), "--threads", "2"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode:
+            raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}")
+        peaks["torch"] = {d: last_json(proc.stdout)["tflops"][d] for d in dtypes}
+    except Exception as e:  # the ratios stand without it
+        peaks["torch_error"] = f"{type(e).__name__}: {e}"[-400:]
+    return peaks
+
+
+def best_peaks(*measured: dict) -> dict:
+    """The better of each library's measurements (a neighbour's load only ever lowers them)."""
+    out = {}
+    for side in ("xla", "torch"):
+        runs = [m[side] for m in measured if side in m]
+        if runs:
+            out[side] = {d: max(r[d] for r in runs) for d in runs[0]}
+    return out
+
+
+def add_fractions_of_peak(what: str, out: dict, peaks: dict, args) -> None:
+    """Each side's achieved TFLOP/s as a fraction of its own library's matmul rate: when the
+    ratio upstream / ours is low but ours uses more of XLA's peak than upstream of torch's, the
+    difference is in the matmul libraries on this CPU, not in the programs."""
+    flops = flops_per_call(what, out["ours"]["raw"])
+    dtype = dtype_of(what, args)
+    out["flops_per_call"] = flops
+    out["ours_fraction_of_xla_peak"] = (flops / out["ours"]["seconds"]["total"] / 1e12
+                                        / peaks["xla"][dtype])
+    best = out.get("upstream_best")
+    if best and "torch" in peaks:
+        upstream_s = out[f"upstream_{best}"]["seconds"]["total"]
+        out["upstream_fraction_of_torch_peak"] = flops / upstream_s / 1e12 / peaks["torch"][dtype]
+
+
 def compare_one(what: str, args) -> dict:
     out = {"upstream_eager": run_upstream(what, False, args)}
     if not args.skip_compile:
@@ -200,6 +256,18 @@ def print_table(results: dict) -> None:
                   f"{r['ours']['seconds'][part]:8.3f} {ratio_cell:>7s} {target:>7s}")
 
 
+def print_peaks(results: dict, peaks: dict, torch_error: str | None) -> None:
+    print("\nmatmul peaks (best of before and after, TFLOP/s): "
+          + ", ".join(f"{side} {d} {v:.3f}" for side, by in peaks.items() for d, v in by.items()))
+    if torch_error:
+        print(f"  torch's peak not measured: {torch_error}")
+    print("fraction of its own library's peak: upstream (torch) / ours (XLA)")
+    for what, r in results.items():
+        up = r.get("upstream_fraction_of_torch_peak")
+        up_cell = f"{100 * up:.0f}%" if up is not None else "n/a"
+        print(f"{what:12s} {up_cell:>5s} / {100 * r['ours_fraction_of_xla_peak']:.0f}%")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--what", default=",".join(WHATS),
@@ -237,8 +305,14 @@ def main(argv=None):
         raise SystemExit(2)
 
     started = load()
+    peaks_before = matmul_peaks(args)
     results = {what: compare_one(what, args) for what in whats}
+    peaks_after = matmul_peaks(args)
+    peaks = best_peaks(peaks_before, peaks_after)
+    for what, r in results.items():
+        add_fractions_of_peak(what, r, peaks, args)
     print_table(results)
+    print_peaks(results, peaks, peaks_before.get("torch_error"))
     summary = {what: {k: v for k, v in r.items() if k not in ("upstream_eager",
                                                               "upstream_compile", "ours")}
                for what, r in results.items()}
@@ -250,7 +324,7 @@ def main(argv=None):
                 if "error" in r[mode]:
                     summary[what][f"{mode}_error"] = r[mode]["error"]
     common.emit({"bench": "compare", "what": whats, "dtype": args.dtype,
-                 "steps": args.steps, "warmup": args.warmup,
+                 "steps": args.steps, "warmup": args.warmup, "matmul_peak_tflops": peaks,
                  "tiny": args.tiny, "load_at_start": started, "load_at_end": load(),
                  **common.device_info(), "results": summary})
 

@@ -108,10 +108,17 @@ def test_compare_with_a_stub_upstream(capsys, tmp_path):
                   "--bench_cpu", str(stub)])
     r = last_json(capsys)
     assert r["bench"] == "compare" and set(r["results"]) == {"sample_b1", "vae"}
+    peaks = r["matmul_peak_tflops"]  # both libraries really timed (torch: this venv's)
+    assert set(peaks) == {"xla", "torch"} and peaks["torch"]["float32"] > 0
     for what, upstream_s in (("sample_b1", 0.5), ("vae", 1.0)):
         res = r["results"][what]
         assert res["upstream_best"] == "eager" and "upstream_compile_error" in res
         assert res["ratio"] == pytest.approx(upstream_s / res["ours_s"])
+        assert res["flops_per_call"] > 0
+        assert res["upstream_fraction_of_torch_peak"] == pytest.approx(
+            res["flops_per_call"] / upstream_s / 1e12 / peaks["torch"]["float32"])
+        assert res["ours_fraction_of_xla_peak"] == pytest.approx(
+            res["flops_per_call"] / res["ours_s"] / 1e12 / peaks["xla"]["float32"])
 
 
 FAKE_AUTOCAST = """
@@ -133,15 +140,25 @@ def test_compare_bfloat16_runs_upstream_under_autocast(capsys, tmp_path, monkeyp
     stub.write_text(textwrap.dedent(FAKE_BENCH_CPU))
     autocast.write_text(textwrap.dedent(FAKE_AUTOCAST))
     monkeypatch.setattr(compare, "UPSTREAM_TORCH_SCRIPT", autocast)
+    broken = tmp_path / "torch_matmul.py"
+    broken.write_text("raise SystemExit('no torch here')")
+    monkeypatch.setattr(compare, "TORCH_MATMUL_SCRIPT", broken)
     compare.main(["--what", "sample_b1,vae", "--tiny", "--steps", "1", "--warmup", "0",
                   "--dtype", "bfloat16", "--skip_compile", "--refenv_python", sys.executable,
                   "--upstream_dir", str(tmp_path), "--bench_cpu", str(stub)])
-    r = last_json(capsys)
+    out = capsys.readouterr().out
+    r = json.loads(out.strip().splitlines()[-1])
+    assert "torch's peak not measured" in out and "no torch here" in out
     assert r["dtype"] == "bfloat16"
     assert r["results"]["sample_b1"]["dtype"] == "bfloat16"
     assert r["results"]["sample_b1"]["upstream_eager_s"] == 0.25
     assert r["results"]["vae"]["dtype"] == "float32"
     assert r["results"]["vae"]["upstream_eager_s"] == 1.0
+    # torch's peak failed: said so, ours is still given against XLA's float32 and bf16 peaks
+    assert set(r["matmul_peak_tflops"]) == {"xla"}
+    assert set(r["matmul_peak_tflops"]["xla"]) == {"float32", "bfloat16"}
+    for res in r["results"].values():
+        assert "upstream_fraction_of_torch_peak" not in res and res["ours_fraction_of_xla_peak"] > 0
 
 
 def test_compare_explains_missing_setup(capsys, tmp_path):
