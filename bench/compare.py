@@ -161,7 +161,7 @@ def run_ours(what: str, args) -> dict:
     return {"seconds": seconds, "load_before": load_before, "raw": r}
 
 
-def flops_per_call(what: str, raw: dict) -> float | None:
+def flops_per_call(what: str, raw: dict) -> float:
     """FLOPs of one measured call (the same model on both sides), from our side's result."""
     if what == "train_b1":
         return raw["flops_per_image"] * raw["batch"]
@@ -177,7 +177,8 @@ def matmul_peaks(args) -> dict:
     dtypes = sorted({"float32", args.dtype})
     peaks = {"xla": {d: common.measured_matmul_tflops(n, dtype=common.jnp_dtype(d))
                      for d in dtypes}}
-    cmd = [args.refenv_python, str(TORCH_MATMUL_SCRIPT), "--n", str(n), "--threads", "2"]
+    cmd = [args.refenv_python, str(TORCH_MATMUL_SCRIPT), "--n", str(n), "--threads", "2",
+           "--dtypes", ",".join(dtypes)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode:
@@ -312,7 +313,7 @@ def main(argv=None):
     for what, r in results.items():
         add_fractions_of_peak(what, r, peaks, args)
     print_table(results)
-    print_peaks(results, peaks, peaks_before.get("torch_error"))
+    print_peaks(results, peaks, None if "torch" in peaks else peaks_before.get("torch_error"))
     summary = {what: {k: v for k, v in r.items() if k not in ("upstream_eager",
                                                               "upstream_compile", "ours")}
                for what, r in results.items()}

@@ -6,8 +6,7 @@ environment's python):
     /tmp/refenv/bin/python bench/torch_matmul.py --n 2048 --threads 2
 
 Prints one JSON object as its last line: the best TFLOP/s of an (n, n) @ (n, n) matmul over
-`--repeats` runs for float32 operands and for bfloat16 operands (bfloat16 result, as autocast's
-matmuls give).
+`--repeats` runs for each of `--dtypes` (bfloat16: bfloat16 result, as autocast's matmuls give).
 """
 
 from __future__ import annotations
@@ -34,13 +33,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     with torch.no_grad():
         result = {name: best_tflops(torch, args.n, getattr(torch, name), args.repeats)
-                  for name in ("float32", "bfloat16")}
+                  for name in args.dtypes.split(",")}
     print(json.dumps({"bench": "torch_matmul", "n": args.n, "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "tflops": result}))
 
