@@ -12,14 +12,17 @@ library is timed on this CPU (XLA's here, torch's by `bench/torch_matmul.py` in 
 environment), and each call's FLOP/s is given as a fraction of its own library's peak: on a CPU
 where torch's matmuls are faster than XLA's, that tells the programs apart from the libraries.
 
-  train_b1   LightningDiT-B/1 training step, batch 8, float32 (upstream: training_losses +
-             backward + AdamW; ours: `bench.train_step`, the loop's jitted step with EMA)
+  train_b1   LightningDiT-B/1 training step, batch 8, float32 (upstream: train.py's step,
+             training_losses + backward + AdamW + update_ema, by `bench/upstream_torch.py
+             --ema`; `--no-upstream_ema` times bench_cpu.py's step without the EMA; ours:
+             `bench.train_step`, the loop's jitted step, which always updates the EMA)
   sample_b1  one guided model call, batch 8 = 4 conditional + 4 unconditional, t = 0.5, cfg 6.7
              with the interval on (`bench.sample` with --num_steps 0)
   vae        f16d32 at 256x256, batch 1: encode (posterior sample) + decode (`bench.vae`)
 
-Upstream's side is `bench_cpu.py` of the shared upstream tools (../shared/upstream), run with
-the reference environment's python on an export of hustvl/LightningDiT. One-time setup:
+Upstream's float32 guided call and VA-VAE are `bench_cpu.py` of the shared upstream tools
+(../shared/upstream), run with the reference environment's python on an export of
+hustvl/LightningDiT. One-time setup:
 
     # 1. a bare clone of the upstream repository
     git clone --bare https://github.com/hustvl/LightningDiT /tmp/LightningDiT.git
@@ -91,13 +94,21 @@ def upstream_seconds(what: str, r: dict) -> dict:
     return {"total": r["median_s"]}
 
 
-def run_upstream(what: str, compiled: bool, args) -> dict:
-    """One `bench_cpu.py` (float32) or `upstream_torch.py` (bf16 autocast) run in the
-    reference environment; {'error': ...} when it fails."""
-    if dtype_of(what, args) == "bfloat16":
+def upstream_command(what: str, compiled: bool, args) -> list[str]:
+    """The reference environment's command for one upstream measurement.
+
+    train_b1 goes to `upstream_torch.py --ema` (train.py's step: loss + backward + AdamW +
+    `update_ema`, as our step) unless `--no-upstream_ema`, which gives the shared tools'
+    `bench_cpu.py` step without the EMA; any bfloat16 run goes to `upstream_torch.py` (autocast).
+    """
+    dtype = dtype_of(what, args)
+    ema = what == "train_b1" and args.upstream_ema
+    if dtype == "bfloat16" or ema:
         cmd = [args.refenv_python, str(UPSTREAM_TORCH_SCRIPT), "--what", what,
-               "--dtype", "bfloat16", "--shared", str(pathlib.Path(args.bench_cpu).parent),
+               "--dtype", dtype, "--shared", str(pathlib.Path(args.bench_cpu).parent),
                "--upstream_dir", str(args.upstream_dir)]
+        if ema:
+            cmd.append("--ema")
     else:
         cmd = [args.refenv_python, str(args.bench_cpu), "--what", what]
     cmd += ["--warmup", str(args.warmup), "--repeats", str(args.steps)]
@@ -105,6 +116,13 @@ def run_upstream(what: str, compiled: bool, args) -> dict:
         cmd += ["--batch", "8"]
     if compiled:
         cmd.append("--compile")
+    return cmd
+
+
+def run_upstream(what: str, compiled: bool, args) -> dict:
+    """One upstream measurement in the reference environment (`upstream_command`);
+    {'error': ...} when it fails."""
+    cmd = upstream_command(what, compiled, args)
     env = {**os.environ, "UPSTREAM_DIR": str(args.upstream_dir)}
     mode = "compile" if compiled else "eager"
     print(f"[{what}] upstream {mode}: {' '.join(cmd)}", flush=True)
@@ -224,6 +242,8 @@ def compare_one(what: str, args) -> dict:
     ours = out["ours"]["seconds"]
     out["target"] = TARGETS[what]
     out["dtype"] = dtype_of(what, args)
+    if what == "train_b1":
+        out["upstream_ema"] = args.upstream_ema
     for mode, secs in ok.items():
         out[f"ratio_vs_{mode.removeprefix('upstream_')}"] = secs["total"] / ours["total"]
     if ok:
@@ -283,6 +303,9 @@ def main(argv=None):
                         help="upstream eager only (no torch.compile run)")
     parser.add_argument("--upstream_timeout", type=float, default=1800.0,
                         help="seconds per upstream run")
+    parser.add_argument("--upstream_ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="train_b1: upstream's step includes train.py's EMA update, as ours "
+                             "(--no-upstream_ema: bench_cpu.py's step without it)")
     parser.add_argument("--tiny", action="store_true",
                         help="our side on the tiny models (tests; the ratios mean nothing)")
     common.common_args(parser)

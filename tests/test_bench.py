@@ -170,6 +170,31 @@ def test_compare_explains_missing_setup(capsys, tmp_path):
     assert json.loads(captured.out.strip().splitlines()[-1])["error"]
 
 
+def test_compare_times_upstream_train_step_with_its_ema_by_default():
+    """train_b1 is compared like for like: train.py updates its EMA every step and so does our
+    step, so upstream runs through upstream_torch.py --ema unless --no-upstream_ema."""
+    import argparse
+
+    def command(what, **overrides):
+        args = argparse.Namespace(refenv_python="py", upstream_dir="/up", warmup=1, steps=3,
+                                  bench_cpu="/t/bench_cpu.py", dtype="float32",
+                                  upstream_ema=True)
+        vars(args).update(overrides)
+        return compare.upstream_command(what, False, args)
+
+    cmd = command("train_b1")
+    assert cmd[1] == str(compare.UPSTREAM_TORCH_SCRIPT) and "--ema" in cmd
+    assert cmd[cmd.index("--dtype") + 1] == "float32" and cmd[cmd.index("--batch") + 1] == "8"
+    assert command("train_b1", upstream_ema=False)[1] == "/t/bench_cpu.py"
+    bf16 = command("train_b1", dtype="bfloat16")
+    assert bf16[1] == str(compare.UPSTREAM_TORCH_SCRIPT) and "--ema" in bf16
+    assert "--ema" not in command("train_b1", dtype="bfloat16", upstream_ema=False)
+    for what in ("sample_b1", "vae"):  # no EMA in inference; float32 stays bench_cpu.py
+        cmd = command(what)
+        assert cmd[1] == "/t/bench_cpu.py" and "--ema" not in cmd
+    assert "--ema" not in command("sample_b1", dtype="bfloat16")
+
+
 def test_collectives_counts_and_equal_losses():
     from bench import collectives
 
