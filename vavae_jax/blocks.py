@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from vavae_jax.conv import conv_general_dilated
+
 Dtype = Any
 
 NUM_GROUPS = 32
@@ -50,7 +52,8 @@ def conv(
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
 ) -> nn.Conv:
-    """A square `nn.Conv` with PyTorch-style init; padding defaults to k // 2 on every side."""
+    """A square `nn.Conv` with PyTorch-style init; padding defaults to k // 2 on every side.
+    Its kernel gradient is `vavae_jax.conv`'s (faster on CPU; the forward is XLA's)."""
     if padding is None:
         padding = ((kernel_size // 2, kernel_size // 2),) * 2
     return nn.Conv(
@@ -61,6 +64,7 @@ def conv(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
+        conv_general_dilated=conv_general_dilated,
         kernel_init=nn.with_logical_partitioning(_torch_kernel_init, CONV_KERNEL_AXES),
         bias_init=nn.with_logical_partitioning(
             _torch_bias_init(in_features * kernel_size**2), ("conv_out",)

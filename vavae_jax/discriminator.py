@@ -65,6 +65,7 @@ from torchport import (
     to_flax,
     to_torch,
 )
+from vavae_jax.conv import conv_general_dilated
 
 # Prefix of the discriminator entries inside a VA-VAE (LPIPSWithDiscriminator) checkpoint.
 CHECKPOINT_PREFIX = "loss.discriminator."
@@ -154,6 +155,7 @@ class NLayerDiscriminator(nn.Module):
             padding=((1, 1), (1, 1)),
             use_bias=use_bias,
             dtype=self.dtype,
+            conv_general_dilated=conv_general_dilated,  # faster kernel gradient on CPU
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.normal(0.02), (None, None, "conv_in", out_axis)
             ),

@@ -1,0 +1,86 @@
+"""vavae_jax.conv: XLA's convolution with a per-tap matmul kernel gradient on one CPU device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from vavae_jax.conv import MIN_CHANNELS, conv_general_dilated
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+# the autoencoder's 3x3 and 1x1 convolutions, its stride-2 downsample (pad right / bottom
+# only), and the discriminator's 4x4 ones
+LAYERS = [
+    (3, 1, ((1, 1), (1, 1)), 32, 48),
+    (1, 1, ((0, 0), (0, 0)), 32, 16),
+    (3, 2, ((0, 1), (0, 1)), 32, 32),
+    (4, 2, ((1, 1), (1, 1)), 16, 32),
+    (4, 1, ((1, 1), (1, 1)), 64, 1),
+    (3, 1, "SAME", 16, 8),
+]
+
+
+def squared_output(conv, stride, pads):
+    return lambda x, w: (conv(x, w, (stride, stride), pads, dimension_numbers=NHWC) ** 2).sum()
+
+
+def operands(k, c, d, dtype=jnp.float32, size=12):
+    kx, kw = jax.random.split(jax.random.PRNGKey(k * 100 + c + d))
+    x = jax.random.normal(kx, (2, size, size + 2, c), dtype)
+    w = (jax.random.normal(kw, (k, k, c, d)) / np.sqrt(k * k * c)).astype(dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("k, stride, pads, c, d", LAYERS)
+def test_value_and_gradients_equal_xla(k, stride, pads, c, d):
+    x, w = operands(k, c, d)
+    ours, xla = squared_output(conv_general_dilated, stride, pads), squared_output(
+        lax.conv_general_dilated, stride, pads)
+    assert float(jax.jit(ours)(x, w)) == float(jax.jit(xla)(x, w))  # the same forward op
+    got = jax.jit(jax.grad(ours, (0, 1)))(x, w)
+    want = jax.jit(jax.grad(xla, (0, 1)))(x, w)
+    np.testing.assert_array_equal(got[0], want[0])  # XLA's own input gradient
+    np.testing.assert_allclose(got[1], want[1], rtol=2e-5, atol=2e-5 * float(
+        jnp.abs(want[1]).max()))
+
+
+def hlo_of_grad(fn, argnum, *args):
+    return jax.jit(jax.grad(fn, argnum)).lower(*args).as_text()
+
+
+def test_only_the_needed_gradients_are_computed():
+    """A frozen kernel (LPIPS, the discriminator in the generator step) costs no kernel
+    gradient, and an input that needs no gradient no transposed convolution."""
+    x, w = operands(3, 32, 32)
+    fn = squared_output(conv_general_dilated, 1, ((1, 1), (1, 1)))
+    dx_only, dw_only = hlo_of_grad(fn, 0, x, w), hlo_of_grad(fn, 1, x, w)
+    assert "dot_general" not in dx_only and dx_only.count("convolution(") == 2
+    assert dw_only.count("dot_general") == 9 and dw_only.count("convolution(") == 1
+
+
+def test_falls_back_to_xla_where_it_does_not_apply():
+    few = MIN_CHANNELS - 1
+    x, w = operands(3, few, 8)
+    fn = squared_output(conv_general_dilated, 1, ((1, 1), (1, 1)))
+    assert "dot_general" not in hlo_of_grad(fn, 1, x, w)  # the RGB input layers
+    x, w = operands(3, 32, 8)
+    dilated = lambda x, w: (conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), ((2, 2), (2, 2)), rhs_dilation=(2, 2), dimension_numbers=NHWC) ** 2).sum()
+    assert "dot_general" not in hlo_of_grad(dilated, 1, x, w)
+    # a sharded mesh keeps XLA's op (flattening the batch would gather it)
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    with jax.set_mesh(mesh):
+        assert "dot_general" not in hlo_of_grad(fn, 1, x, w)
+
+
+def test_bfloat16_kernel_gradient():
+    x, w = operands(3, 32, 16, jnp.bfloat16)
+    fn = squared_output(conv_general_dilated, 1, ((1, 1), (1, 1)))
+    got = jax.jit(jax.grad(lambda w: fn(x, w).astype(jnp.float32)))(w)
+    want = jax.grad(squared_output(lax.conv_general_dilated, 1, ((1, 1), (1, 1))), 1)(
+        x.astype(jnp.float32), w.astype(jnp.float32))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05,
+                               atol=0.02 * float(jnp.abs(want).max()))

@@ -1,0 +1,128 @@
+"""2-D convolution with a faster kernel gradient on one CPU device.
+
+`conv_general_dilated` is a drop-in for ``lax.conv_general_dilated`` (what `nn.Conv` calls;
+`blocks.conv` and the discriminator pass it in). The forward pass and the input gradient are
+XLA's own, so values are unchanged; only the kernel gradient differs. XLA:CPU computes it as a
+convolution that runs 2.5-3x slower than the forward one (measured on 2 cores: 0.86-0.92 s
+against 0.15-0.17 s for a 3x3, 128 -> 128 channel layer at 256x256). Here it is one matmul per
+kernel tap instead:
+
+    dkernel[i, j] = sum over (n, y, x) of  xpad[n, s*y + i, s*x + j, :]^T  g[n, y, x, :]
+
+with the cotangent transposed once and shared by all taps (0.29-0.30 s for that layer).
+When a kernel is frozen (LPIPS, the discriminator in the generator step) its gradient is not
+computed at all, and the same holds for inputs that need none (symbolic zeros).
+
+Elsewhere (GPU / TPU, where cuDNN and XLA:TPU have good kernel-gradient convolutions; a sharded
+CPU mesh, where flattening the batch would all-gather it; dilations, groups, layouts other
+than NHWC / HWIO, or fewer than `MIN_CHANNELS` input channels) this is the XLA op itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+# Below this the XLA kernel gradient is as fast (the RGB input convolutions).
+MIN_CHANNELS = 16
+
+
+def _one_cpu_device() -> bool:
+    if jax.default_backend() != "cpu":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
+
+
+def _explicit_padding(padding, lhs_shape, rhs_shape, strides) -> tuple | None:
+    """((lo, hi), (lo, hi)) for 'VALID' / 'SAME' / explicit pairs; None if unsupported."""
+    if isinstance(padding, str):
+        if padding.upper() not in ("VALID", "SAME"):
+            return None
+        pads = lax.padtype_to_pads(lhs_shape[1:3], rhs_shape[:2], strides, padding.upper())
+        return tuple(tuple(p) for p in pads)
+    pads = tuple(tuple(int(v) for v in p) for p in padding)
+    return pads if len(pads) == 2 and all(len(p) == 2 for p in pads) else None
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+    """``lax.conv_general_dilated`` with `conv2d_nhwc`'s kernel gradient where it applies."""
+    xla = functools.partial(
+        lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
+    if lhs.ndim != 4 or not _one_cpu_device():
+        return xla()
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+    given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers or NHWC)
+    plain = (given == nhwc and feature_group_count == 1 and batch_group_count == 1
+             and all(d == 1 for d in (lhs_dilation or (1, 1)))
+             and all(d == 1 for d in (rhs_dilation or (1, 1)))
+             and preferred_element_type is None and lhs.shape[-1] >= MIN_CHANNELS)
+    pads = _explicit_padding(padding, lhs.shape, rhs.shape, tuple(window_strides))
+    if not plain or pads is None:
+        return xla()
+    return conv2d_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d_nhwc(x: jax.Array, kernel: jax.Array, strides: tuple, pads: tuple,
+                precision=None) -> jax.Array:
+    """x (N, H, W, C) * kernel (kh, kw, C, D) -> (N, Ho, Wo, D): XLA's convolution; the
+    kernel gradient by per-tap matmuls (module docstring)."""
+    return _xla_conv(x, kernel, strides, pads, precision)
+
+
+def _xla_conv(x, kernel, strides, pads, precision):
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=NHWC,
+                                    precision=precision)
+
+
+def _forward(x, kernel, strides, pads, precision):
+    y = _xla_conv(x.value, kernel.value, strides, pads, precision)
+    return y, (x.value, kernel.value, x.perturbed, kernel.perturbed)
+
+
+def _backward(strides, pads, precision, residuals, g):
+    x, kernel, need_dx, need_dkernel = residuals
+    dx = dkernel = None
+    if need_dx:  # XLA's own input gradient (as fast as the forward convolution)
+        _, vjp = jax.vjp(lambda a: _xla_conv(a, kernel, strides, pads, precision), x)
+        (dx,) = vjp(g)
+    if need_dkernel:
+        dkernel = _kernel_gradient(x, g, kernel.shape, strides, pads, precision)
+        dkernel = dkernel.astype(kernel.dtype)
+    return dx, dkernel
+
+
+def _kernel_gradient(x, g, kernel_shape: Sequence[int], strides, pads, precision):
+    """sum over (n, y, x) of the tap's input window^T . g, one (D, M) @ (M, C) matmul per tap
+    (the canonical row-major form XLA:CPU runs fastest), accumulated in float32."""
+    kh, kw, c, d = kernel_shape
+    _, ho, wo, _ = g.shape
+    (sh, sw), m = strides, g.shape[0] * ho * wo
+    xpad = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    # one transpose of the cotangent, shared by every tap; the barrier keeps it materialised
+    g_t = lax.optimization_barrier(g.reshape(m, d).T)
+    accumulate = jnp.promote_types(x.dtype, jnp.float32)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            window = lax.slice(xpad, (0, i, j, 0),
+                               (xpad.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                               (1, sh, sw, 1))
+            window = lax.optimization_barrier(window.reshape(m, c))
+            taps.append(jnp.dot(g_t, window, precision=precision,
+                                preferred_element_type=accumulate))  # (D, C)
+    return jnp.stack(taps).reshape(kh, kw, d, c).transpose(0, 1, 3, 2)
+
+
+conv2d_nhwc.defvjp(_forward, _backward, symbolic_zeros=True)
