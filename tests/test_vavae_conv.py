@@ -14,6 +14,7 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 # only), and the discriminator's 4x4 ones
 LAYERS = [
     (3, 1, ((1, 1), (1, 1)), 32, 48),
+    (3, 1, ((1, 1), (1, 1)), 32, 3),  # few outputs: the shifted-cotangent form
     (1, 1, ((0, 0), (0, 0)), 32, 16),
     (3, 2, ((0, 1), (0, 1)), 32, 32),
     (4, 2, ((1, 1), (1, 1)), 16, 32),

@@ -107,6 +107,8 @@ def _kernel_gradient(x, g, kernel_shape: Sequence[int], strides, pads, precision
     """sum over (n, y, x) of the tap's input window^T . g, one (D, M) @ (M, C) matmul per tap
     (the canonical row-major form XLA:CPU runs fastest), accumulated in float32."""
     kh, kw, c, d = kernel_shape
+    if strides == (1, 1) and kh * kw * d <= c:
+        return _kernel_gradient_few_outputs(x, g, kernel_shape, pads, precision)
     _, ho, wo, _ = g.shape
     (sh, sw), m = strides, g.shape[0] * ho * wo
     xpad = jnp.pad(x, ((0, 0), *pads, (0, 0)))
@@ -123,6 +125,29 @@ def _kernel_gradient(x, g, kernel_shape: Sequence[int], strides, pads, precision
             taps.append(jnp.dot(g_t, window, precision=precision,
                                 preferred_element_type=accumulate))  # (D, C)
     return jnp.stack(taps).reshape(kh, kw, d, c).transpose(0, 1, 3, 2)
+
+
+def _kernel_gradient_few_outputs(x, g, kernel_shape, pads, precision):
+    """The same sum for stride 1 and few output channels (the decoder's RGB conv_out), where
+    copying nine input windows costs more than the matmuls: the padded input, flattened to
+    (N * Hp * Wp, C) rows, is used once as it is, and the small cotangent is shifted instead.
+
+    Padded to (N, Hp, Wp, D) with zeros, input row r + i * Wp + j is tap (i, j)'s input for
+    output row r, so dkernel[i, j]^T = shift(g^T, i * Wp + j) @ x_rows, one
+    (kh * kw * D, rows) @ (rows, C) matmul for all taps."""
+    kh, kw, c, d = kernel_shape
+    n, hp, wp = x.shape[0], x.shape[1] + sum(pads[0]), x.shape[2] + sum(pads[1])
+    _, ho, wo, _ = g.shape
+    rows, max_shift = n * hp * wp, (kh - 1) * wp + (kw - 1)
+    x_rows = jnp.pad(x, ((0, 0), *pads, (0, 0))).reshape(rows, c)
+    x_rows = jnp.pad(x_rows, ((0, max_shift), (0, 0)))  # the last taps read past the end
+    g_t = jnp.pad(g, ((0, 0), (0, hp - ho), (0, wp - wo), (0, 0))).reshape(rows, d).T
+    shifted = [jnp.pad(g_t, ((0, 0), (i * wp + j, max_shift - i * wp - j)))
+               for i in range(kh) for j in range(kw)]
+    accumulate = jnp.promote_types(x.dtype, jnp.float32)
+    dkernel_t = jnp.dot(jnp.concatenate(shifted), x_rows, precision=precision,
+                        preferred_element_type=accumulate)  # (kh * kw * D, C)
+    return dkernel_t.reshape(kh, kw, d, c).transpose(0, 1, 3, 2)
 
 
 conv2d_nhwc.defvjp(_forward, _backward, symbolic_zeros=True)
