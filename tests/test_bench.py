@@ -86,6 +86,18 @@ def test_vae(capsys):
     assert r["latent_shape"] == [8, 8, 4]
 
 
+def test_conv_grad(capsys):
+    from bench import conv_grad
+
+    conv_grad.main(["--layers", "tiny", "--steps", "1", "--warmup", "0"])
+    r = last_json(capsys)
+    assert r["bench"] == "conv_grad" and len(r["results"]) == len(conv_grad.LAYERS["tiny"])
+    for layer in r["results"]:
+        assert layer["max_rel_diff"] < 1e-5  # the same gradient, computed another way
+        assert layer["ratio"] == pytest.approx(layer["xla_kernel_grad_s"]
+                                               / layer["ours_kernel_grad_s"])
+
+
 FAKE_BENCH_CPU = """
     import argparse, json
     p = argparse.ArgumentParser()
