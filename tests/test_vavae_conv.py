@@ -58,7 +58,7 @@ def test_only_the_needed_gradients_are_computed():
     fn = squared_output(conv_general_dilated, 1, ((1, 1), (1, 1)))
     dx_only, dw_only = hlo_of_grad(fn, 0, x, w), hlo_of_grad(fn, 1, x, w)
     assert "dot_general" not in dx_only and dx_only.count("convolution(") == 2
-    assert dw_only.count("dot_general") == 9 and dw_only.count("convolution(") == 1
+    assert "dot_general" in dw_only and dw_only.count("convolution(") == 1
 
 
 def test_falls_back_to_xla_where_it_does_not_apply():
@@ -74,6 +74,25 @@ def test_falls_back_to_xla_where_it_does_not_apply():
     mesh = jax.make_mesh((len(jax.devices()),), ("data",))
     with jax.set_mesh(mesh):
         assert "dot_general" not in hlo_of_grad(fn, 1, x, w)
+
+
+def test_kernel_gradient_keeps_memory_of_xla():
+    """The per-tap windows exist one at a time: a stack of layers needs about the temporary
+    memory of XLA's own gradient (unrolled, every layer's nine windows were made at once)."""
+    def loss(conv):
+        def f(kernels, x):
+            for kernel in kernels:
+                x = jax.nn.silu(conv(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=NHWC))
+            return (x ** 2).sum()
+        return f
+
+    kernels, x = [jnp.zeros((3, 3, 32, 32))] * 6, jnp.zeros((1, 64, 64, 32))
+    temp = {name: jax.jit(jax.grad(loss(conv))).lower(kernels, x).compile().memory_analysis()
+            .temp_size_in_bytes for name, conv in (("xla", lax.conv_general_dilated),
+                                                   ("ours", conv_general_dilated))}
+    activation = x.size * x.dtype.itemsize
+    assert temp["ours"] <= temp["xla"] + 2 * activation, (temp, activation)
 
 
 def test_bfloat16_kernel_gradient():

@@ -3,14 +3,15 @@
 `conv_general_dilated` is a drop-in for ``lax.conv_general_dilated`` (what `nn.Conv` calls;
 `blocks.conv` and the discriminator pass it in). The forward pass and the input gradient are
 XLA's own, so values are unchanged; only the kernel gradient differs. XLA:CPU computes it as a
-convolution that runs 2.5-3x slower than the forward one (measured on 2 cores: 0.86-0.92 s
-against 0.15-0.17 s for a 3x3, 128 -> 128 channel layer at 256x256). Here it is one matmul per
+convolution that runs 2.5-6.5x slower than the forward one (measured on 2 AVX2 cores: 0.96-1.0 s
+against 0.15 s for a 3x3, 128 -> 128 channel layer at 256x256). Here it is one matmul per
 kernel tap instead:
 
     dkernel[i, j] = sum over (n, y, x) of  xpad[n, s*y + i, s*x + j, :]^T  g[n, y, x, :]
 
-with the cotangent transposed once and shared by all taps (0.29-0.30 s for that layer).
-When a kernel is frozen (LPIPS, the discriminator in the generator step) its gradient is not
+with the cotangent transposed once and shared by all taps, the taps a `lax.scan` so that one
+window copy exists at a time (0.22 s for that layer; `python -m bench.conv_grad`).
+When a kernel is frozen (the discriminator inside the generator step) its gradient is not
 computed at all, and the same holds for inputs that need none (symbolic zeros).
 
 Elsewhere (GPU / TPU, where cuDNN and XLA:TPU have good kernel-gradient convolutions; a sharded
@@ -93,6 +94,10 @@ def _forward(x, kernel, strides, pads, precision):
 
 def _backward(strides, pads, precision, residuals, g):
     x, kernel, need_dx, need_dkernel = residuals
+    # Nothing below may start before the cotangent exists: XLA would otherwise copy the input
+    # windows of every layer as soon as the forward pass made them (measured: +4.7 GB, 9x the
+    # activations, for the f16d32 step).
+    x, g = lax.optimization_barrier((x, g))
     dx = dkernel = None
     if need_dx:  # XLA's own input gradient (as fast as the forward convolution)
         _, vjp = jax.vjp(lambda a: _xla_conv(a, kernel, strides, pads, precision), x)
@@ -115,16 +120,18 @@ def _kernel_gradient(x, g, kernel_shape: Sequence[int], strides, pads, precision
     # one transpose of the cotangent, shared by every tap; the barrier keeps it materialised
     g_t = lax.optimization_barrier(g.reshape(m, d).T)
     accumulate = jnp.promote_types(x.dtype, jnp.float32)
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            window = lax.slice(xpad, (0, i, j, 0),
-                               (xpad.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                               (1, sh, sw, 1))
-            window = lax.optimization_barrier(window.reshape(m, c))
-            taps.append(jnp.dot(g_t, window, precision=precision,
-                                preferred_element_type=accumulate))  # (D, C)
-    return jnp.stack(taps).reshape(kh, kw, d, c).transpose(0, 1, 3, 2)
+    span = (xpad.shape[0], sh * (ho - 1) + 1, sw * (wo - 1) + 1, c)
+
+    def tap(_, ij):
+        # a loop, so that only one window copy exists at a time (unrolled, XLA would make
+        # every layer's windows up front: 9x the activations)
+        window = lax.dynamic_slice(xpad, (0, ij[0], ij[1], 0), span)[:, ::sh, ::sw]
+        return None, jnp.dot(g_t, window.reshape(m, c), precision=precision,
+                             preferred_element_type=accumulate)  # (D, C)
+
+    offsets = jnp.array([(i, j) for i in range(kh) for j in range(kw)], jnp.int32)
+    _, taps = lax.scan(tap, None, offsets)
+    return taps.reshape(kh, kw, d, c).transpose(0, 1, 3, 2)
 
 
 def _kernel_gradient_few_outputs(x, g, kernel_shape, pads, precision):
