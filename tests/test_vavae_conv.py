@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 from jax import lax
 
-from vavae_jax.conv import MIN_CHANNELS, conv_general_dilated
+from vavae_jax import conv as conv_module
+from vavae_jax.conv import conv_general_dilated
 
 NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.fixture(autouse=True)
+def small_layers_use_the_matmul_gradient(monkeypatch):
+    """The layers here are small: lower the channel threshold so they take the new path."""
+    monkeypatch.setattr(conv_module, "MIN_CHANNELS", 16)
 
 # the autoencoder's 3x3 and 1x1 convolutions, its stride-2 downsample (pad right / bottom
 # only), and the discriminator's 4x4 ones
@@ -62,7 +69,7 @@ def test_only_the_needed_gradients_are_computed():
 
 
 def test_falls_back_to_xla_where_it_does_not_apply():
-    few = MIN_CHANNELS - 1
+    few = conv_module.MIN_CHANNELS - 1
     x, w = operands(3, few, 8)
     fn = squared_output(conv_general_dilated, 1, ((1, 1), (1, 1)))
     assert "dot_general" not in hlo_of_grad(fn, 1, x, w)  # the RGB input layers
