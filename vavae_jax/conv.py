@@ -31,7 +31,7 @@ from jax import lax
 NHWC = ("NHWC", "HWIO", "NHWC")
 # Below this many input channels XLA's own kernel gradient is kept: for the RGB input layers
 # it is as fast, and on the demo's 32 / 64-channel VA-VAE the whole step measured no faster
-# (25-28 against 27-29 img/s), so XLA's numerics (and the demo's published metrics) stay.
+# (25-28 against 27-29 img/s), so it keeps XLA's numerics.
 MIN_CHANNELS = 128
 
 
