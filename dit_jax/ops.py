@@ -22,11 +22,12 @@ def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _one_cpu_device() -> bool:
+def one_cpu_device() -> bool:
     """Traced for one CPU device (no mesh, or a one-device one): only then are the operand
     layouts pinned below (`_transpose`, `_swap`). A pinned layout is a flattened array, which
     SPMD cannot partition along a transposed sharded axis: on a sharded mesh it would
-    all-gather the activations (`bench.collectives`), so there XLA keeps its own forms."""
+    all-gather the activations (`bench.collectives`), so there XLA keeps its own forms.
+    `vavae_jax.conv` uses the same test for its flattened kernel gradients."""
     if not _on_cpu():
         return False
     mesh = jax.sharding.get_abstract_mesh()
@@ -88,7 +89,7 @@ def dense_matmul(x: jax.Array, kernel: jax.Array, in_ndim: int) -> jax.Array:
 def _dense_forward(x, kernel, in_ndim):
     out_shape = x.shape[:x.ndim - in_ndim] + kernel.shape[in_ndim:]
     out_dtype = _accumulation_dtype(x.dtype)
-    if _one_cpu_device():
+    if one_cpu_device():
         x2, w2 = _as_matrices(x, kernel.astype(x.dtype), in_ndim)
         y = _dot(x2, w2, ((1,), (0,)), out_dtype=out_dtype)
     else:
@@ -100,12 +101,12 @@ def _dense_forward(x, kernel, in_ndim):
 def _dense_backward(in_ndim, residuals, g):
     x, kernel = residuals
     g = g.astype(x.dtype)
-    if _one_cpu_device():
+    if one_cpu_device():
         x2, w2 = _as_matrices(x, kernel.astype(x.dtype), in_ndim)
         g2 = g.reshape(x2.shape[0], w2.shape[1])
         dx = _matmul_nt(g2, w2).reshape(x.shape)
         dkernel = _matmul_tn(x2, g2).reshape(kernel.shape)
-    else:  # sharded: the unflattened axes keep their shardings (see `_one_cpu_device`)
+    else:  # sharded: the unflattened axes keep their shardings (see `one_cpu_device`)
         out_axes = tuple(range(in_ndim, kernel.ndim))
         dx = _dot(g, kernel.astype(x.dtype), (tuple(range(g.ndim - len(out_axes), g.ndim)),
                                               out_axes))
@@ -174,7 +175,7 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 def _swap(a: jax.Array) -> jax.Array:
     """(N, A, B) -> (N, B, A), pinned row-major on one CPU device (see `_transpose`); on a
     sharded CPU mesh only for 16-bit inputs (see `_dot`)."""
-    if _one_cpu_device():
+    if one_cpu_device():
         return _materialise(_materialise(a).transpose(0, 2, 1))
     a = a.transpose(0, 2, 1)
     return _materialise(a) if a.dtype.itemsize < 4 and _on_cpu() else a

@@ -28,18 +28,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dit_jax.ops import one_cpu_device
+
 NHWC = ("NHWC", "HWIO", "NHWC")
 # Below this many input channels XLA's own kernel gradient is kept: for the RGB input layers
 # it is as fast, and on the demo's 32 / 64-channel VA-VAE the whole step measured no faster
 # (25-28 against 27-29 img/s), so it keeps XLA's numerics.
 MIN_CHANNELS = 128
-
-
-def _one_cpu_device() -> bool:
-    if jax.default_backend() != "cpu":
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or mesh.size == 1
 
 
 def _explicit_padding(padding, lhs_shape, rhs_shape, strides) -> tuple | None:
@@ -62,7 +57,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count, batch_group_count=batch_group_count,
         precision=precision, preferred_element_type=preferred_element_type)
-    if lhs.ndim != 4 or not _one_cpu_device():
+    if lhs.ndim != 4 or not one_cpu_device():
         return xla()
     nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
     given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers or NHWC)
@@ -70,8 +65,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
              and all(d == 1 for d in (lhs_dilation or (1, 1)))
              and all(d == 1 for d in (rhs_dilation or (1, 1)))
              and preferred_element_type is None and lhs.shape[-1] >= MIN_CHANNELS)
+    if not plain:
+        return xla()
     pads = _explicit_padding(padding, lhs.shape, rhs.shape, tuple(window_strides))
-    if not plain or pads is None:
+    if pads is None:
         return xla()
     return conv2d_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision)
 
@@ -96,10 +93,6 @@ def _forward(x, kernel, strides, pads, precision):
 
 def _backward(strides, pads, precision, residuals, g):
     x, kernel, need_dx, need_dkernel = residuals
-    # Nothing below may start before the cotangent exists: XLA would otherwise copy the input
-    # windows of every layer as soon as the forward pass made them (measured: +4.7 GB, 9x the
-    # activations, for the f16d32 step).
-    x, g = lax.optimization_barrier((x, g))
     dx = dkernel = None
     if need_dx:  # XLA's own input gradient (as fast as the forward convolution)
         _, vjp = jax.vjp(lambda a: _xla_conv(a, kernel, strides, pads, precision), x)
