@@ -7,6 +7,7 @@ scripts (and `bench.compare`) read ``stdout.splitlines()[-1]``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -19,6 +20,8 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from launch import host_memory
 
 GB = 1e9  # peak_memory_gb is in 10^9 bytes
 
@@ -54,6 +57,17 @@ def common_args(parser, *, steps: int = 5, warmup: int = 2) -> None:
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls first")
     parser.add_argument("--xla_flags", default="",
                         help="extra XLA_FLAGS for experiments, e.g. '--xla_cpu_use_onednn=true'")
+    parser.add_argument("--huge_pages", action=argparse.BooleanOptionalAction, default=True,
+                        help="restart once with glibc's huge-page tunable on a CPU, as the "
+                             "launch commands do (launch.host_memory); --no-huge_pages: not")
+
+
+def start(args) -> None:
+    """First thing in an entry point's `main`, before JAX starts: the --huge_pages restart
+    (which re-executes the command with the same arguments), then --xla_flags."""
+    if args.huge_pages:
+        host_memory.use_huge_pages()
+    add_xla_flags(args.xla_flags)
 
 
 def jnp_dtype(name: str):
@@ -180,6 +194,7 @@ def device_info() -> dict:
             info["load_avg_1m"] = os.getloadavg()[0]
         except OSError:
             pass
+        info["huge_pages"] = host_memory.status()
     if os.environ.get("XLA_FLAGS"):
         info["xla_flags"] = os.environ["XLA_FLAGS"]
     return info

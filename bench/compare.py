@@ -35,6 +35,9 @@ then `--refenv_python /tmp/refenv/bin/python --upstream_dir /tmp/upstream` (the 
 `--dtype bfloat16` runs our side in bfloat16 and upstream's train_b1 / sample_b1 under torch's
 CPU bf16 autocast, as Accelerate trains it (`bench/upstream_torch.py`); the VA-VAE stays
 float32 on both sides (upstream never runs it under autocast).
+Ours runs with glibc's huge-page tunable where `launch.host_memory` applies it, as every entry
+point (`--no-huge_pages`: without); `--upstream_huge_pages` gives upstream's processes the same
+tunable (default: glibc's defaults, as a user runs upstream).
 Torch runs with 2 threads, as XLA here: the machine is shared and noisy, so only the
 ratios of measurements taken minutes apart mean anything; the 1-minute load average is
 recorded before each measurement.
@@ -51,6 +54,7 @@ import sys
 import time
 
 from bench import common
+from launch import host_memory
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_BENCH_CPU = REPO.parent / "shared" / "upstream" / "bench_cpu.py"
@@ -124,6 +128,8 @@ def run_upstream(what: str, compiled: bool, args) -> dict:
     {'error': ...} when it fails."""
     cmd = upstream_command(what, compiled, args)
     env = {**os.environ, "UPSTREAM_DIR": str(args.upstream_dir)}
+    if args.upstream_huge_pages:
+        env["GLIBC_TUNABLES"] = host_memory.TUNABLE
     mode = "compile" if compiled else "eager"
     print(f"[{what}] upstream {mode}: {' '.join(cmd)}", flush=True)
     start, load_before = time.perf_counter(), load()
@@ -244,6 +250,7 @@ def compare_one(what: str, args) -> dict:
     out["dtype"] = dtype_of(what, args)
     if what == "train_b1":
         out["upstream_ema"] = args.upstream_ema
+    out["upstream_huge_pages"] = args.upstream_huge_pages
     for mode, secs in ok.items():
         out[f"ratio_vs_{mode.removeprefix('upstream_')}"] = secs["total"] / ours["total"]
     if ok:
@@ -306,11 +313,14 @@ def main(argv=None):
     parser.add_argument("--upstream_ema", action=argparse.BooleanOptionalAction, default=True,
                         help="train_b1: upstream's step includes train.py's EMA update, as ours "
                              "(--no-upstream_ema: bench_cpu.py's step without it)")
+    parser.add_argument("--upstream_huge_pages", action="store_true",
+                        help="upstream's processes get glibc's huge-page tunable too "
+                             "(GLIBC_TUNABLES, as launch.host_memory gives ours)")
     parser.add_argument("--tiny", action="store_true",
                         help="our side on the tiny models (tests; the ratios mean nothing)")
     common.common_args(parser)
     args = parser.parse_args(argv)
-    common.add_xla_flags(args.xla_flags)
+    common.start(args)
     whats = [w.strip() for w in args.what.split(",") if w.strip()]
     unknown = [w for w in whats if w not in WHATS]
     if unknown:

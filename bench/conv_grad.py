@@ -76,7 +76,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     common.common_args(parser, steps=5, warmup=1)
     args = parser.parse_args(argv)
-    common.add_xla_flags(args.xla_flags)
+    common.start(args)
     if args.dtype != "float32":
         parser.error("--dtype: the VA-VAE trains in float32 here; bfloat16 is not measured")
 

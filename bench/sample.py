@@ -109,7 +109,7 @@ def main(argv=None):
                         help="Euler steps of the whole-sample timing (0: skip it)")
     common.common_args(parser)
     args = parser.parse_args(argv)
-    common.add_xla_flags(args.xla_flags)
+    common.start(args)
     r = run(args.variant, args.batch, args.dtype, args.steps, args.warmup, args.num_steps)
     report(r)
     common.emit(r)

@@ -203,7 +203,7 @@ def main(argv=None):
                         help="lightningdit: rematerialise each block in the backward")
     common.common_args(parser)
     args = parser.parse_args(argv)
-    common.add_xla_flags(args.xla_flags)
+    common.start(args)
     variant = args.variant or ("B/1" if args.model == "lightningdit" else "f16d32")
     r = run(args.model, variant, args.batch, args.dtype, args.steps, args.warmup,
             peak_matmul_n=args.peak_matmul_n, remat=args.remat)

@@ -78,7 +78,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     common.common_args(parser)
     args = parser.parse_args(argv)
-    common.add_xla_flags(args.xla_flags)
+    common.start(args)
     r = run(args.variant, args.size, args.batch, args.dtype, args.steps, args.warmup)
     report(r)
     common.emit(r)

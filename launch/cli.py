@@ -4,7 +4,9 @@
         cli.run(main)
 
 `UserError`s (and the data pipeline's `DataError`s, missing files) print ``error: <message>``
-without a traceback; anything else is a bug and keeps its traceback.
+without a traceback; anything else is a bug and keeps its traceback. Before `main` starts JAX,
+a command that will run on the CPU restarts itself once with glibc's huge-page tunable
+(`launch.host_memory`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 
 from absl import app
 
+from launch import host_memory
 from launch.data.sources import DataError
 
 
@@ -32,4 +35,5 @@ def run(main) -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
 
+    host_memory.use_huge_pages()
     app.run(guarded)

@@ -54,6 +54,10 @@ def test_train_step_lightningdit(capsys):
     assert r["dtype"] == "float32" and r["peak_source"] == "measured f32 matmul"
     assert r["images_per_s"] > 0 and r["mfu"] > 0 and r["peak_memory_gb"] > 0
     assert r["flops_per_image"] == pytest.approx(r["xla_flops_per_image"], rel=0.25)
+    from launch import host_memory
+
+    # main asked; in this (pytest) process it never restarts
+    assert r["huge_pages"] == host_memory.status() == "off: not a launch / bench command"
 
 
 def test_variant_names():
@@ -205,6 +209,29 @@ def test_compare_times_upstream_train_step_with_its_ema_by_default():
         cmd = command(what)
         assert cmd[1] == "/t/bench_cpu.py" and "--ema" not in cmd
     assert "--ema" not in command("sample_b1", dtype="bfloat16")
+
+
+FAKE_UPSTREAM_ENV = """
+    import json, os
+    t = dict(median_s=0.5, min_s=0.5, max_s=0.5, tunables=os.environ.get("GLIBC_TUNABLES"))
+    print(json.dumps(t))
+"""
+
+
+def test_compare_gives_upstream_the_huge_page_tunable_only_on_request(tmp_path, monkeypatch):
+    import argparse
+
+    from launch import host_memory
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    stub = tmp_path / "bench_cpu.py"
+    stub.write_text(textwrap.dedent(FAKE_UPSTREAM_ENV))
+    for setting, tunables in ((False, None), (True, host_memory.TUNABLE)):
+        args = argparse.Namespace(refenv_python=sys.executable, upstream_dir=str(tmp_path),
+                                  warmup=0, steps=1, bench_cpu=str(stub), dtype="float32",
+                                  upstream_ema=True, upstream_timeout=60,
+                                  upstream_huge_pages=setting)
+        assert compare.run_upstream("sample_b1", False, args)["raw"]["tunables"] == tunables
 
 
 def test_collectives_counts_and_equal_losses():
