@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from launch import host_memory
+from launch import host_memory, xla_cpu
 
 GB = 1e9  # peak_memory_gb is in 10^9 bytes
 
@@ -57,6 +57,8 @@ def common_args(parser, *, steps: int = 5, warmup: int = 2) -> None:
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls first")
     parser.add_argument("--xla_flags", default="",
                         help="extra XLA_FLAGS for experiments, e.g. '--xla_cpu_use_onednn=true'")
+    parser.add_argument("--xla_cpu_flags", action=argparse.BooleanOptionalAction, default=True,
+                        help="add launch.xla_cpu's XLA:CPU flags, as the launch commands do")
     parser.add_argument("--huge_pages", action=argparse.BooleanOptionalAction, default=True,
                         help="restart once with glibc's huge-page tunable on a CPU, as the "
                              "launch commands do (launch.host_memory); --no-huge_pages: not")
@@ -64,10 +66,13 @@ def common_args(parser, *, steps: int = 5, warmup: int = 2) -> None:
 
 def start(args) -> None:
     """First thing in an entry point's `main`, before JAX starts: the --huge_pages restart
-    (which re-executes the command with the same arguments), then --xla_flags."""
+    (which re-executes the command with the same arguments), --xla_flags, then the
+    --xla_cpu_flags (left out where --xla_flags already chooses the same option)."""
     if args.huge_pages:
         host_memory.use_huge_pages()
     add_xla_flags(args.xla_flags)
+    if args.xla_cpu_flags:
+        xla_cpu.add_cpu_flags()
 
 
 def jnp_dtype(name: str):
@@ -195,6 +200,7 @@ def device_info() -> dict:
         except OSError:
             pass
         info["huge_pages"] = host_memory.status()
+        info["xla_cpu_flags"] = xla_cpu.status()
     if os.environ.get("XLA_FLAGS"):
         info["xla_flags"] = os.environ["XLA_FLAGS"]
     return info

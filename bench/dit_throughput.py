@@ -23,7 +23,7 @@ from flax import linen as nn
 from bench.flops import lightningdit_forward_flops
 from dit_jax import RELEASED_FLAGS, LightningDiT, lightningdit_kwargs
 from dit_jax.train_step import init_train_state, make_optimizer, train_step
-from launch import host_memory
+from launch import host_memory, xla_cpu
 
 
 def time_fn(fn, *args, steps: int, warmup: int = 2) -> float:
@@ -73,6 +73,7 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     host_memory.use_huge_pages()  # as the launch commands (restarts once on a CPU host)
+    xla_cpu.add_cpu_flags()
 
     if args.variant == "tiny":
         base = dict(input_size=8, patch_size=1, in_channels=32, hidden_size=128, depth=4,

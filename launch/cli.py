@@ -6,7 +6,7 @@
 `UserError`s (and the data pipeline's `DataError`s, missing files) print ``error: <message>``
 without a traceback; anything else is a bug and keeps its traceback. Before `main` starts JAX,
 a command that will run on the CPU restarts itself once with glibc's huge-page tunable
-(`launch.host_memory`).
+(`launch.host_memory`) and adds its XLA:CPU flags (`launch.xla_cpu`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 
 from absl import app
 
-from launch import host_memory
+from launch import host_memory, xla_cpu
 from launch.data.sources import DataError
 
 
@@ -36,4 +36,5 @@ def run(main) -> None:
             sys.exit(1)
 
     host_memory.use_huge_pages()
+    xla_cpu.add_cpu_flags()
     app.run(guarded)

@@ -84,7 +84,7 @@ def why_not() -> str | None:
     mode = thp_mode()
     if mode != "madvise":
         return f"transparent huge pages are '{mode}'"
-    if "jax" in sys.modules and _backend_started():
+    if backend_started():
         return "JAX's backend had already started"
     if not runs_on_cpu():
         return "JAX will run on an accelerator"
@@ -112,7 +112,10 @@ def thp_mode(path: str | None = None) -> str:
     return chosen[0] if chosen else "unknown"
 
 
-def _backend_started() -> bool:
+def backend_started() -> bool:
+    """Whether this process's JAX has started its backend (False before `import jax`)."""
+    if "jax" not in sys.modules:
+        return False
     from jax._src import xla_bridge
 
     started = getattr(xla_bridge, "backends_are_initialized", None)
