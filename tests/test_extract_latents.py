@@ -165,5 +165,10 @@ def test_two_processes_write_per_rank_shards_equal_to_one_process(extracted, tmp
         assert len(files) == 3  # 26 / 25 images per rank, 10 per shard
         got = {k: np.concatenate([read(f)[0][k] for f in files]) for k in one}
         rows = np.searchsorted(kept, [i for i in range(rank, 51, 2) if i != 20])
-        for key, value in one.items():  # noise is keyed by image: bit-identical
-            np.testing.assert_array_equal(got[key], value[rows], err_msg=f"rank {rank} {key}")
+        # noise is keyed by image, so each rank's rows are the one-process rows up to rounding:
+        # XLA's CPU convolutions (launch.xla_cpu) block their sums by the per-device batch,
+        # here 2 against 4 images (a wrong image or noise would differ by O(1))
+        np.testing.assert_array_equal(got["labels"], one["labels"][rows])
+        for key in ("latents", "latents_flip"):
+            np.testing.assert_allclose(got[key], one[key][rows], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"rank {rank} {key}")
