@@ -44,8 +44,7 @@ def use_huge_pages() -> str:
     global _status
     if _status is not None:
         return _status
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if TUNABLE in tunables.split(":"):
+    if _has_tunable():
         _status = "on"
         return _status
     if thp_mode() == "always":
@@ -55,6 +54,7 @@ def use_huge_pages() -> str:
     if reason is not None:
         _status = f"off: {reason}"
         return _status
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
     env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, TUNABLE) if t))
     sys.stdout.flush()
     sys.stderr.flush()
@@ -67,15 +67,25 @@ def use_huge_pages() -> str:
 
 def status() -> str:
     """What `use_huge_pages` found in this process ("not requested" before it was called)."""
-    if _status is None and TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+    if _status is None and _has_tunable():
         return "on"
     return _status or "not requested"
 
 
+def _has_tunable() -> bool:
+    return TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def opted_out(env_name: str) -> str | None:
+    """"NAME=value" when the environment variable `env_name` says no (0 / false / no / off)."""
+    value = os.environ.get(env_name, "1")
+    return f"{env_name}={value}" if value.strip().lower() in ("0", "false", "no", "off") else None
+
+
 def why_not() -> str | None:
     """Why this process would not re-execute itself, or None."""
-    if os.environ.get(OPT_OUT_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return f"{OPT_OUT_ENV}={os.environ[OPT_OUT_ENV]}"
+    if opt_out := opted_out(OPT_OUT_ENV):
+        return opt_out
     main_module = getattr(sys.modules.get("__main__"), "__spec__", None)
     if main_module is None or main_module.name.split(".")[0] not in COMMAND_PACKAGES:
         return "not a launch / bench command"

@@ -45,8 +45,8 @@ def status() -> str:
 
 
 def why_not() -> str | None:
-    if os.environ.get(OPT_OUT_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return f"{OPT_OUT_ENV}={os.environ[OPT_OUT_ENV]}"
+    if opt_out := host_memory.opted_out(OPT_OUT_ENV):
+        return opt_out
     if OPTION in os.environ.get("XLA_FLAGS", ""):
         return f"XLA_FLAGS already sets {OPTION}"
     if host_memory.backend_started():
