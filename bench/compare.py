@@ -1,6 +1,6 @@
 """Side by side with the PyTorch original: upstream's CPU timings and ours, in one invocation.
 
-    python -m bench.compare                                  # train_b1, sample_b1, vae
+    python -m bench.compare                  # train_b1, sample_b1, sample_run_b1, vae
     python -m bench.compare --what train_b1 --steps 5 --warmup 2
     python -m bench.compare --what train_b1,sample_b1 --dtype bfloat16
 
@@ -18,6 +18,12 @@ where torch's matmuls are faster than XLA's, that tells the programs apart from 
              `bench.train_step`, the loop's jitted step, which always updates the EMA)
   sample_b1  one guided model call, batch 8 = 4 conditional + 4 unconditional, t = 0.5, cfg 6.7
              with the interval on (`bench.sample` with --num_steps 0)
+  sample_run_b1  a whole guided sample of 4 images as upstream's inference.py draws it: Euler
+             over `--sample_steps` grid points (released: 250) with shift 0.3, cfg 6.7, interval
+             from 0.125 (upstream: `Sampler.sample_ode` + `forward_with_cfg` by
+             `bench/upstream_torch.py`, one timed sample after `--warmup` single calls; ours:
+             `bench.sample`'s jitted `sample_latents`, which skips the unconditional half
+             before the interval)
   vae        f16d32 at 256x256, batch 1: encode (posterior sample) + decode (`bench.vae`)
 
 Upstream's float32 guided call and VA-VAE are `bench_cpu.py` of the shared upstream tools
@@ -60,9 +66,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_BENCH_CPU = REPO.parent / "shared" / "upstream" / "bench_cpu.py"
 UPSTREAM_TORCH_SCRIPT = REPO / "bench" / "upstream_torch.py"
 TORCH_MATMUL_SCRIPT = REPO / "bench" / "torch_matmul.py"
-WHATS = ("train_b1", "sample_b1", "vae")
+WHATS = ("train_b1", "sample_b1", "sample_run_b1", "vae")
 # the issue's targets: upstream seconds / ours
-TARGETS = {"train_b1": 1.5, "sample_b1": 2.0, "vae": 1.5}
+TARGETS = {"train_b1": 1.5, "sample_b1": 2.0, "sample_run_b1": 2.0, "vae": 1.5}
 
 SETUP_HELP = """\
 The upstream side needs the reference environment and an export of hustvl/LightningDiT:
@@ -103,11 +109,12 @@ def upstream_command(what: str, compiled: bool, args) -> list[str]:
 
     train_b1 goes to `upstream_torch.py --ema` (train.py's step: loss + backward + AdamW +
     `update_ema`, as our step) unless `--no-upstream_ema`, which gives the shared tools'
-    `bench_cpu.py` step without the EMA; any bfloat16 run goes to `upstream_torch.py` (autocast).
+    `bench_cpu.py` step without the EMA; any bfloat16 run goes to `upstream_torch.py` (autocast),
+    and so does the whole sample (one timed sample of `--sample_steps` grid points).
     """
     dtype = dtype_of(what, args)
     ema = what == "train_b1" and args.upstream_ema
-    if dtype == "bfloat16" or ema:
+    if dtype == "bfloat16" or ema or what == "sample_run_b1":
         cmd = [args.refenv_python, str(UPSTREAM_TORCH_SCRIPT), "--what", what,
                "--dtype", dtype, "--shared", str(pathlib.Path(args.bench_cpu).parent),
                "--upstream_dir", str(args.upstream_dir)]
@@ -115,7 +122,11 @@ def upstream_command(what: str, compiled: bool, args) -> list[str]:
             cmd.append("--ema")
     else:
         cmd = [args.refenv_python, str(args.bench_cpu), "--what", what]
-    cmd += ["--warmup", str(args.warmup), "--repeats", str(args.steps)]
+    repeats = args.steps
+    if what == "sample_run_b1":
+        cmd += ["--num_steps", str(args.sample_steps)]
+        repeats = 1
+    cmd += ["--warmup", str(args.warmup), "--repeats", str(repeats)]
     if what != "vae":
         cmd += ["--batch", "8"]
     if compiled:
@@ -169,6 +180,11 @@ def run_ours(what: str, args) -> dict:
         r = sample.run("tiny" if tiny else "B/1", 8, dtype, args.steps, args.warmup,
                        num_steps=0)
         seconds = {"total": r["call_s"]}
+    elif what == "sample_run_b1":
+        from bench import sample
+
+        r = sample.run("tiny" if tiny else "B/1", 8, dtype, 1, 0, num_steps=args.sample_steps)
+        seconds = {"total": r["sample_s"]}
     elif what == "vae":
         from bench import vae
 
@@ -185,12 +201,15 @@ def run_ours(what: str, args) -> dict:
     return {"seconds": seconds, "load_before": load_before, "raw": r}
 
 
-def flops_per_call(what: str, raw: dict) -> float:
-    """FLOPs of one measured call (the same model on both sides), from our side's result."""
+def flops_per_call(what: str, raw: dict, side: str = "ours") -> float:
+    """FLOPs of one measured call (the same model on both sides), from our side's result. The
+    whole sample differs: upstream runs both halves at every call (`side="upstream"`)."""
     if what == "train_b1":
         return raw["flops_per_image"] * raw["batch"]
     if what == "sample_b1":
         return raw["flops_per_call"]
+    if what == "sample_run_b1":
+        return raw["sample_flops_both_halves" if side == "upstream" else "sample_flops"]
     return raw["batch"] * (raw["encode_flops_per_image"] + raw["decode_flops_per_image"])
 
 
@@ -235,7 +254,9 @@ def add_fractions_of_peak(what: str, out: dict, peaks: dict, args) -> None:
     best = out.get("upstream_best")
     if best and "torch" in peaks:
         upstream_s = out[f"upstream_{best}"]["seconds"]["total"]
-        out["upstream_fraction_of_torch_peak"] = flops / upstream_s / 1e12 / peaks["torch"][dtype]
+        upstream_flops = flops_per_call(what, out["ours"]["raw"], side="upstream")
+        out["upstream_fraction_of_torch_peak"] = (upstream_flops / upstream_s / 1e12
+                                                  / peaks["torch"][dtype])
 
 
 def compare_one(what: str, args) -> dict:
@@ -270,7 +291,7 @@ def print_table(results: dict) -> None:
         return f"{r['seconds'][key]:.3f}" if "seconds" in r else "failed"
 
     print("\nseconds per call (median); ratio = faster upstream / ours (> 1: ours faster)")
-    header = f"{'what':12s} {'up eager':>9s} {'up compile':>11s} {'ours':>8s} {'ratio':>7s}"
+    header = f"{'what':14s} {'up eager':>9s} {'up compile':>11s} {'ours':>8s} {'ratio':>7s}"
     print(header + f" {'target':>7s}")
     for what, r in results.items():
         parts = list(r["ours"]["seconds"])
@@ -280,7 +301,7 @@ def print_table(results: dict) -> None:
             ratio = r.get("parts_ratio", {}).get(part)
             ratio_cell = f"{ratio:.2f}x" if ratio is not None else "n/a"
             target = f"{r['target']:.1f}x" if part == "total" else ""
-            print(f"{name:12s} {cell(r['upstream_eager'], part):>9s} {compile_cell:>11s} "
+            print(f"{name:14s} {cell(r['upstream_eager'], part):>9s} {compile_cell:>11s} "
                   f"{r['ours']['seconds'][part]:8.3f} {ratio_cell:>7s} {target:>7s}")
 
 
@@ -293,7 +314,7 @@ def print_peaks(results: dict, peaks: dict, torch_error: str | None) -> None:
     for what, r in results.items():
         up = r.get("upstream_fraction_of_torch_peak")
         up_cell = f"{100 * up:.0f}%" if up is not None else "n/a"
-        print(f"{what:12s} {up_cell:>5s} / {100 * r['ours_fraction_of_xla_peak']:.0f}%")
+        print(f"{what:14s} {up_cell:>5s} / {100 * r['ours_fraction_of_xla_peak']:.0f}%")
 
 
 def main(argv=None):
@@ -316,6 +337,9 @@ def main(argv=None):
     parser.add_argument("--upstream_huge_pages", action="store_true",
                         help="upstream's processes get glibc's huge-page tunable too "
                              "(GLIBC_TUNABLES, as launch.host_memory gives ours)")
+    parser.add_argument("--sample_steps", type=int, default=50,
+                        help="sample_run_b1: grid points of the whole sample (released: 250; "
+                             "the share of calls before the interval is about the same)")
     parser.add_argument("--tiny", action="store_true",
                         help="our side on the tiny models (tests; the ratios mean nothing)")
     common.common_args(parser)

@@ -8,8 +8,11 @@ from t = 0.125, 3 guided channels, timestep shift 0.3):
   calls_per_s  one guided velocity evaluation (`dit_jax.samplers.guided_velocity_fn`) at t = 0.5
                on `batch` = batch/2 conditional + batch/2 unconditional rows (upstream's
                `forward_with_cfg` on a doubled batch), jitted;
-  sample_s     one whole jitted `sample_latents` run: `--num_steps` Euler steps for batch/2
-               images (one guided call per step), after compilation (`--num_steps 0` skips it).
+  sample_s     one whole jitted `sample_latents` run: `--num_steps` grid points (num_steps - 1
+               Euler calls) for batch/2 images, after compilation (`--num_steps 0` skips it).
+               Calls before the guidance interval run only the conditional half
+               (`conditional_only_calls`; upstream runs both halves at every call);
+               `sample_flops` counts what runs, `sample_flops_both_halves` upstream's work.
 Random weights (`bench.common.random_params`). The last line printed is one JSON object.
 """
 
@@ -21,12 +24,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from bench import common
 from bench.flops import lightningdit_forward_flops
 from bench.train_step import dit_config
-from dit_jax.samplers import guided_velocity_fn, sample_latents
+from dit_jax.samplers import guided_velocity_fn, sample_latents, time_grid
 from launch import build
 
 SAMPLING = "xl1_800ep"  # the configs/lightningdit.py variant whose sampling options are used
@@ -74,13 +78,20 @@ def run(variant: str = "B/1", batch: int = 8, dtype: str = "float32", steps: int
         "flops_per_call": flops_per_call, "compile_s": call_compile_s,
     }
 
-    # -- a whole sample: num_steps Euler steps of the guided call ----------------------------
+    # -- a whole sample: num_steps - 1 Euler calls of the guided velocity ---------------------
     if num_steps > 0:
         sample = jax.jit(functools.partial(sample_latents, model, **options))
         compiled, sample_compile_s = common.compile_timed(sample, params, noise, labels)
         start = time.perf_counter()
         jax.block_until_ready(compiled(params, noise, labels))
+        calls = num_steps - 1
+        unguided = int(np.sum(time_grid(num_steps, options["timestep_shift"])[:-1]
+                              < options["cfg_interval_start"]))
         result.update(sample_s=time.perf_counter() - start, sample_images=n,
+                      conditional_only_calls=unguided,
+                      sample_flops=(calls - unguided) * flops_per_call
+                      + unguided * flops_per_call // 2,
+                      sample_flops_both_halves=calls * flops_per_call,
                       num_steps=num_steps, method=options["method"],
                       timestep_shift=options["timestep_shift"],
                       sample_compile_s=sample_compile_s)
@@ -95,8 +106,11 @@ def report(r: dict) -> None:
           f"calls/s ({common.fmt_s(r['call_s'])}, min {common.fmt_s(r['call_min_s'])}; "
           f"{r['call_tflops_per_s']:.3f} TFLOP/s)")
     if "sample_s" in r:
-        print(f"  {r['num_steps']}-step {r['method']} sample of {r['sample_images']} images: "
-              f"{r['sample_s']:.2f} s ({common.fmt_s(r['sample_s'] / r['num_steps'])}/step)")
+        calls = r["num_steps"] - 1
+        print(f"  {r['num_steps']}-point {r['method']} sample of {r['sample_images']} images: "
+              f"{r['sample_s']:.2f} s ({common.fmt_s(r['sample_s'] / calls)}/call; "
+              f"{r['conditional_only_calls']} of {calls} calls before the guidance interval, "
+              f"conditional half only)")
     print(f"  compile {r['compile_s']:.1f} s")
 
 
@@ -106,7 +120,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8,
                         help="rows per model call: half conditional, half unconditional")
     parser.add_argument("--num_steps", type=int, default=250,
-                        help="Euler steps of the whole-sample timing (0: skip it)")
+                        help="grid points of the whole-sample timing (upstream's 250; 0: skip it)")
     common.common_args(parser)
     args = parser.parse_args(argv)
     common.start(args)

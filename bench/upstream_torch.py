@@ -1,5 +1,5 @@
-"""Upstream's LightningDiT step or guided call on CPU, in float32 or under torch's bf16
-autocast (what Accelerate's bf16 mode does), optionally with train.py's EMA update.
+"""Upstream's LightningDiT step, guided call or whole guided sample on CPU, in float32 or under
+torch's bf16 autocast (what Accelerate's bf16 mode does), optionally with train.py's EMA update.
 
 Run with the reference environment's python, not ours (`bench.compare --dtype bfloat16` does):
 
@@ -7,10 +7,15 @@ Run with the reference environment's python, not ours (`bench.compare --dtype bf
         [--compile] [--shared ../shared/upstream] [--upstream_dir /tmp/upstream]
     /tmp/refenv/bin/python bench/upstream_torch.py --what train --variant XL/1 --batch 2 \
         --ema --steps 2                      # memory: peak_rss_gib, as bench.train_step
+    /tmp/refenv/bin/python bench/upstream_torch.py --what sample_run_b1 --dtype float32 \
+        --num_steps 50 --repeats 1           # inference.py's Euler sampling of 4 images
 
 The same upstream objects as ``../shared/upstream/bench_cpu.py`` (LightningDiT with the
 released flags on 16x16x32 latents; the transport's training loss + backward + AdamW; one
-guided ``forward_with_cfg`` call), 2 threads; bf16 puts ``torch.autocast('cpu',
+guided ``forward_with_cfg`` call; `sample_run*` one whole sample as inference.py draws it:
+``Sampler.sample_ode`` Euler over `--num_steps` grid points with shift 0.3 (torchdiffeq), model
+``forward_with_cfg`` with cfg 6.7 and the interval from 0.125, `--batch` rows = batch/2 images,
+`--warmup` counting guided calls, not samples), 2 threads; bf16 puts ``torch.autocast('cpu',
 torch.bfloat16)`` around the forward (master weights float32), and `--ema` adds train.py's
 ``update_ema`` (decay 0.9999) on a float32 copy of the model, which our step always does.
 Prints one JSON object as its last line, with the process's peak RSS in GiB.
@@ -42,14 +47,17 @@ def timed(fn, warmup: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--what", choices=("train", "train_b1", "sample", "sample_b1"),
-                        required=True, help="train_b1 / sample_b1 = B/1 (bench.compare's names)")
+    parser.add_argument("--what", choices=("train", "train_b1", "sample", "sample_b1",
+                                           "sample_run", "sample_run_b1"),
+                        required=True, help="*_b1 = B/1 (bench.compare's names)")
     parser.add_argument("--variant", default="B/1", help="B/1, XL/1, ... (LightningDiT-*)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     parser.add_argument("--ema", action="store_true", help="train: also update an EMA copy")
     parser.add_argument("--compile", action="store_true",
                         help="keep upstream's @torch.compile decorators active")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--num_steps", type=int, default=50,
+                        help="sample_run: grid points of the Euler sample (upstream's 250)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shared", default=os.path.join(
@@ -104,12 +112,31 @@ def main() -> None:
         x = torch.cat([z, z])
         y = torch.cat([torch.randint(0, 1000, (n,)), torch.full((n,), 1000)])
         t = torch.full((b,), 0.5)
+        guidance = dict(cfg_scale=6.7, cfg_interval=True, cfg_interval_start=0.125)
 
-        def call():
+        def guided_call():
             with torch.no_grad(), autocast():
-                model.forward_with_cfg(x, t, y, 6.7, cfg_interval=True, cfg_interval_start=0.125)
+                model.forward_with_cfg(x, t, y, **guidance)
+
+        call = guided_call
+        if args.what.startswith("sample_run"):  # inference.py's sampling loop
+            from transport import Sampler
+
+            sample_fn = Sampler(create_transport("Linear", "velocity", None, None, None)
+                                ).sample_ode(sampling_method="euler", num_steps=args.num_steps,
+                                             atol=1e-6, rtol=1e-3, reverse=False,
+                                             timestep_shift=0.3)
+            for _ in range(args.warmup):  # compile / warm up on single calls, not samples
+                guided_call()
+            args.warmup = 0
+
+            def call():
+                with torch.no_grad(), autocast():
+                    sample_fn(x, model.forward_with_cfg, y=y, **guidance)[-1]
 
     result = timed(call, args.warmup, args.repeats)
+    if args.what.startswith("sample_run"):
+        result.update(num_steps=args.num_steps, images=b // 2)
     result.update(what=args.what, variant=variant, batch=b, ema=args.ema,
                   dtype="bfloat16 autocast" if args.dtype == "bfloat16" else "float32",
                   compile=args.compile, torch=torch.__version__,

@@ -136,18 +136,35 @@ def guided_velocity_fn(model, params, labels: jax.Array, *, cfg_scale: float = 1
                        cfg_interval_start: float = 0.0, cfg_channels: int | None = None
                        ) -> VelocityFn:
     """v(x, t) of a LightningDiT for fixed labels, with classifier-free guidance if
-    cfg_scale > 1 (upstream's switch): one model call on [x; x] with [labels; null]."""
+    cfg_scale > 1 (upstream's switch): one model call on [x; x] with [labels; null].
+
+    Where every t is before the guidance interval (t < cfg_interval_start) the guided velocity
+    is the conditional one, so only the conditional half runs (a `lax.cond`, the same result up
+    to rounding). Upstream's `forward_with_cfg` runs both halves at every step: with the
+    released sampling (250 steps, shift 0.3, interval from 0.125) 81 of the 249 calls need only
+    half the batch.
+    """
     variables = {"params": params}
+
+    def conditional(x, t):
+        return model.apply(variables, x, t, labels)
+
     if cfg_scale <= 1.0:
-        return lambda x, t: model.apply(variables, x, t, labels)
+        return conditional
     null = jnp.full_like(labels, model.num_classes)
     y = jnp.concatenate([labels, null])
 
-    def velocity(x, t):
+    def guided(x, t):
         out = model.apply(variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]), y)
         n = x.shape[0]
         return apply_guidance(out[:n], out[n:], t, cfg_scale=cfg_scale,
                               cfg_interval_start=cfg_interval_start, cfg_channels=cfg_channels)
+
+    if cfg_interval_start <= 0.0:  # t >= 0: guidance is always on
+        return guided
+
+    def velocity(x, t):
+        return jax.lax.cond(jnp.all(t < cfg_interval_start), conditional, guided, x, t)
 
     return velocity
 

@@ -77,10 +77,14 @@ def test_train_step_vavae(capsys):
 
 def test_sample(capsys):
     sample.main(["--variant", "tiny", "--batch", "4", "--steps", "1", "--warmup", "0",
-                 "--num_steps", "2"])
+                 "--num_steps", "10"])
     r = last_json(capsys)
     assert {"calls_per_s", "sample_s", "compile_s", "device"} <= set(r)
-    assert r["cfg_scale"] == 6.7 and r["cfg_channels"] == 3 and r["num_steps"] == 2
+    assert r["cfg_scale"] == 6.7 and r["cfg_channels"] == 3 and r["num_steps"] == 10
+    # shift 0.3 puts 3 of the 9 calls before the interval (t < 0.125): conditional half only
+    assert r["conditional_only_calls"] == 3
+    assert r["sample_flops_both_halves"] == 9 * r["flops_per_call"]
+    assert r["sample_flops"] == 6 * r["flops_per_call"] + 3 * r["flops_per_call"] // 2
 
 
 def test_vae(capsys):
@@ -175,6 +179,42 @@ def test_compare_bfloat16_runs_upstream_under_autocast(capsys, tmp_path, monkeyp
     assert set(r["matmul_peak_tflops"]["xla"]) == {"float32", "bfloat16"}
     for res in r["results"].values():
         assert "upstream_fraction_of_torch_peak" not in res and res["ours_fraction_of_xla_peak"] > 0
+
+
+FAKE_SAMPLE_RUN = """
+    import argparse, json
+    p = argparse.ArgumentParser()
+    p.add_argument("--what", choices=["sample_run_b1"]); p.add_argument("--num_steps")
+    p.add_argument("--warmup"); p.add_argument("--repeats"); p.add_argument("--batch")
+    p.add_argument("--shared"); p.add_argument("--upstream_dir"); p.add_argument("--dtype")
+    a = p.parse_args()
+    print(json.dumps(dict(median_s=2.0, min_s=2.0, max_s=2.0, num_steps=int(a.num_steps),
+                          repeats=int(a.repeats))))
+"""
+
+
+def test_compare_whole_sample(capsys, tmp_path, monkeypatch):
+    """sample_run_b1: upstream's whole sample (upstream_torch.py, one timed sample of
+    --sample_steps grid points) against ours; upstream's share of peak counts both halves at
+    every call, ours only what runs."""
+    runner = tmp_path / "upstream_torch.py"
+    runner.write_text(textwrap.dedent(FAKE_SAMPLE_RUN))
+    (tmp_path / "b.py").write_text("")
+    monkeypatch.setattr(compare, "UPSTREAM_TORCH_SCRIPT", runner)
+    compare.main(["--what", "sample_run_b1", "--tiny", "--steps", "3", "--warmup", "0",
+                  "--sample_steps", "10", "--skip_compile", "--refenv_python", sys.executable,
+                  "--upstream_dir", str(tmp_path), "--bench_cpu", str(tmp_path / "b.py")])
+    out = capsys.readouterr().out
+    assert f"{runner} --what sample_run_b1" in out and "--repeats 1" in out
+    assert "--num_steps 10" in out
+    r = json.loads(out.strip().splitlines()[-1])
+    res = r["results"]["sample_run_b1"]
+    assert res["upstream_eager_s"] == 2.0 and res["target"] == 2.0
+    assert res["ratio"] == pytest.approx(2.0 / res["ours_s"])
+    torch_peak = r["matmul_peak_tflops"]["torch"]["float32"]
+    both_halves = res["flops_per_call"] / (6 + 3 / 2) * 9  # 3 of 9 calls ran half the batch
+    assert res["upstream_fraction_of_torch_peak"] == pytest.approx(
+        both_halves / 2.0 / 1e12 / torch_peak, rel=1e-6)
 
 
 def test_compare_explains_missing_setup(capsys, tmp_path):
