@@ -34,6 +34,31 @@ def one_cpu_device() -> bool:
     return mesh.empty or mesh.size == 1
 
 
+CPUINFO = "/proc/cpuinfo"
+BF16_DOT_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 / AMX, Arm BF16
+
+
+@functools.cache
+def cpu_has_bf16_dots(cpuinfo: str = CPUINFO) -> bool | None:
+    """Whether the host CPU has bf16 dot-product instructions (`BF16_DOT_FLAGS` in its
+    /proc/cpuinfo flags); None where that cannot be read (not Linux).
+
+    XLA:CPU's bf16 x bf16 -> float32 matmuls run at twice the float32 rate on an AVX512-BF16
+    CPU but at about half of it on an AVX2 one (2048^3: 0.093 against 0.168 TFLOP/s), where
+    `_dot` therefore runs the same products in float32 kernels."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return any(flag in flags for flag in BF16_DOT_FLAGS)
+
+
 def _accumulation_dtype(dtype: Dtype) -> Dtype:
     """float32 accumulation (and result) for 16-bit inputs: torch autocast's numerics, and on
     CPU the only fast bf16 matmul (bf16 -> bf16 dots run slower than float32 there)."""
@@ -45,16 +70,21 @@ def _dot(x: jax.Array, y: jax.Array, contract: tuple, batch: tuple = ((), ()),
     """``lax.dot_general(x, y, (contract, batch))`` with float32 accumulation, cast to
     `out_dtype` (default: x's dtype).
 
-    XLA:CPU runs bf16 x bf16 -> f32 dots at twice the float32 rate through YNNPACK, but only
-    in the canonical (batch, free, contracted) x (batch, contracted, free) row-major form; it
-    sends some other forms to a fallback that rejects this type combination, and transposes
-    others into layouts it then runs slowly. On CPU, 16-bit operands are therefore transposed
-    into that form explicitly (`_materialise`). On one CPU device the callers already pass
-    that form in every dtype (`_matmul_nt`, `_matmul_tn`, `_swap`); float32 dots on a sharded
-    mesh, and every dot on GPU / TPU, are left to XLA.
+    On a CPU with bf16 instructions (`cpu_has_bf16_dots`; without them the operands go to
+    float32 first) XLA:CPU runs bf16 x bf16 -> f32 dots at twice the float32 rate through
+    YNNPACK, but only in the canonical (batch, free, contracted) x (batch, contracted, free)
+    row-major form; it sends some other forms to a fallback that rejects this type
+    combination, and transposes others into layouts it then runs slowly. On CPU, 16-bit
+    operands are therefore transposed into that form explicitly (`_materialise`). On one CPU
+    device the callers already pass that form in every dtype (`_matmul_nt`, `_matmul_tn`,
+    `_swap`); float32 dots on a sharded mesh, and every dot on GPU / TPU, are left to XLA.
     """
     accumulate, out_dtype = _accumulation_dtype(x.dtype), out_dtype or x.dtype
-    if accumulate != x.dtype and _on_cpu():
+    if x.dtype == jnp.bfloat16 and _on_cpu() and cpu_has_bf16_dots() is False:
+        # No bf16 instructions: float32 kernels on the same values are faster and give the
+        # same products (bf16 x bf16 is exact in float32; the sums are float32 either way).
+        x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    elif accumulate != x.dtype and _on_cpu():
         (x_contract, y_contract), (x_batch, y_batch) = contract, batch
         x_free = [a for a in range(x.ndim) if a not in (*x_contract, *x_batch)]
         y_free = [a for a in range(y.ndim) if a not in (*y_contract, *y_batch)]

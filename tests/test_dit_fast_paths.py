@@ -3,7 +3,8 @@
 `dense_matmul` and `attention_core` carry hand-written backward passes (and, in bf16 on CPU,
 explicit layout changes): their values and gradients must equal what autodiff of the plain
 ops gives, and a bf16 LightningDiT must differentiate on every shape class (small dots used to
-reach an XLA:CPU fallback that rejects bf16 x bf16 -> f32).
+reach an XLA:CPU fallback that rejects bf16 x bf16 -> f32). The bf16 cases run both CPU paths:
+native bf16 dots (AVX512-BF16 / AMX / Arm BF16) and the float32 kernels used without them.
 """
 
 import jax
@@ -11,8 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax import LightningDiT
+from dit_jax import LightningDiT, ops
 from dit_jax.ops import dense_matmul, dot_product_attention
+
+
+@pytest.fixture(params=["bf16_dots", "float32_dots"])
+def cpu_path(request, monkeypatch):
+    """Run a bf16 test on either CPU path, whatever this host has."""
+    native = request.param == "bf16_dots"
+    monkeypatch.setattr(ops, "cpu_has_bf16_dots", lambda: native)
+    return native
 
 
 def _relative(a, b):
@@ -27,7 +36,7 @@ def _relative(a, b):
     (1, (2, 20, 16), (16, 4)),        # SwiGLU output: wide input (dkernel through g^T x)
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dense_matmul_value_and_gradients(in_ndim, x_shape, k_shape, dtype):
+def test_dense_matmul_value_and_gradients(in_ndim, x_shape, k_shape, dtype, cpu_path):
     kx, kk, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, x_shape)
     kernel = jax.random.normal(kk, k_shape) / np.sqrt(np.prod(k_shape[:in_ndim]))
@@ -52,7 +61,7 @@ def test_dense_matmul_value_and_gradients(in_ndim, x_shape, k_shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_explicit_attention_matches_jax(dtype):
+def test_explicit_attention_matches_jax(dtype, cpu_path):
     kq, kk, kv, kg = jax.random.split(jax.random.key(1), 4)
     shape = (2, 10, 3, 8)  # (B, T, H, hd)
     q, k, v, g = (jax.random.normal(key, shape) for key in (kq, kk, kv, kg))
@@ -78,7 +87,7 @@ def test_explicit_attention_matches_jax(dtype):
     (dict(patch_size=2, use_qknorm=True, learn_sigma=True), 3),
     (dict(patch_size=1, use_qknorm=True, use_rmsnorm=True, wo_shift=True), 2),
 ])
-def test_bfloat16_model_differentiates(kwargs, batch):
+def test_bfloat16_model_differentiates(kwargs, batch, cpu_path):
     model = LightningDiT(input_size=8, in_channels=4, depth=2, hidden_size=32, num_heads=2,
                          num_classes=10, **kwargs)
     x = jax.random.normal(jax.random.key(0), (batch, 8, 8, 4))
@@ -98,3 +107,42 @@ def test_bfloat16_model_differentiates(kwargs, batch):
     flat16 = np.concatenate([np.ravel(a) for a in jax.tree.leaves(g16)])
     flat32 = np.concatenate([np.ravel(a) for a in jax.tree.leaves(g32)])
     assert _relative(flat16, flat32) < 5e-2
+
+
+def _dot_operand_types(fn, *args) -> set:
+    """The operand element types of every dot_general in fn's lowered program."""
+    text = jax.jit(fn).lower(*args).as_text()
+    lines = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert lines
+    return {line.rsplit(": (", 1)[1].split(") ->")[0].split("x")[-1].rstrip(">")
+            for line in lines}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_dots_follow_the_cpu(native, monkeypatch):
+    """With bf16 instructions the dots take bf16 operands; without, float32 ones holding the
+    same values, with the same products and float32 sums (equal up to summation order)."""
+    monkeypatch.setattr(ops, "cpu_has_bf16_dots", lambda: native)
+    x = jax.random.normal(jax.random.key(0), (6, 32)).astype(jnp.bfloat16)
+    kernel = jax.random.normal(jax.random.key(1), (32, 16))
+
+    def fwd_bwd(x, kernel):
+        y, vjp = jax.vjp(lambda x, k: dense_matmul(x, k, 1), x, kernel)
+        return y, vjp(jnp.ones_like(y))
+
+    assert _dot_operand_types(fwd_bwd, x, kernel) == ({"bf16"} if native else {"f32"})
+    y, (dx, dk) = jax.jit(fwd_bwd)(x, kernel)
+    exact = np.asarray(x, np.float64) @ np.asarray(kernel.astype(jnp.bfloat16), np.float64)
+    np.testing.assert_allclose(np.asarray(y), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_has_bf16_dots_reads_cpuinfo(tmp_path):
+    cases = {"flags\t\t: fpu sse2 avx2 f16c\n": False,
+             "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n": True,
+             "Features\t: fp asimd bf16 i8mm\n": True,
+             "processor\t: 0\n": False}
+    for i, (text, expected) in enumerate(cases.items()):
+        path = tmp_path / f"cpuinfo{i}"
+        path.write_text(text)
+        assert ops.cpu_has_bf16_dots(str(path)) is expected, text
+    assert ops.cpu_has_bf16_dots(str(tmp_path / "missing")) is None
