@@ -141,6 +141,20 @@ def test_compare_with_a_stub_upstream(capsys, tmp_path):
             res["flops_per_call"] / res["ours_s"] / 1e12 / peaks["xla"]["float32"])
 
 
+def test_torch_matmul_shrinks_where_a_dtype_is_slow():
+    """A dtype without a fast kernel (bf16 on an AVX2 CPU: minutes per 2048^3 matmul) is timed
+    at a size that fits --max_seconds, and the JSON says which."""
+    import subprocess
+
+    script = str(compare.TORCH_MATMUL_SCRIPT)
+    for budget, size in (("600", 512), ("1e-9", 128)):
+        out = subprocess.run([sys.executable, script, "--n", "512", "--dtypes", "float32",
+                              "--repeats", "1", "--max_seconds", budget],
+                             capture_output=True, text=True, check=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        assert r["sizes"] == {"float32": size} and r["tflops"]["float32"] > 0
+
+
 FAKE_AUTOCAST = """
     import argparse, json
     p = argparse.ArgumentParser()
