@@ -33,9 +33,9 @@ import sys
 import time
 
 
-def timed(fn, warmup: int, repeats: int) -> dict:
+def timed(fn, warmup_fn, warmup: int, repeats: int) -> dict:
     for _ in range(warmup):
-        fn()
+        warmup_fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -105,6 +105,8 @@ def main() -> None:
                 with torch.no_grad():
                     for e, p in zip(ema.parameters(), model.parameters()):
                         e.mul_(0.9999).add_(p.data, alpha=1 - 0.9999)
+
+        warmup_call = call
     else:
         model.eval()
         n = b // 2
@@ -118,7 +120,7 @@ def main() -> None:
             with torch.no_grad(), autocast():
                 model.forward_with_cfg(x, t, y, **guidance)
 
-        call = guided_call
+        call = warmup_call = guided_call
         if args.what.startswith("sample_run"):  # inference.py's sampling loop
             from transport import Sampler
 
@@ -126,15 +128,14 @@ def main() -> None:
                                 ).sample_ode(sampling_method="euler", num_steps=args.num_steps,
                                              atol=1e-6, rtol=1e-3, reverse=False,
                                              timestep_shift=0.3)
-            for _ in range(args.warmup):  # compile / warm up on single calls, not samples
-                guided_call()
-            args.warmup = 0
 
-            def call():
+            def sample_call():
                 with torch.no_grad(), autocast():
                     sample_fn(x, model.forward_with_cfg, y=y, **guidance)[-1]
 
-    result = timed(call, args.warmup, args.repeats)
+            call = sample_call  # warmed up (compiled) on single guided calls, not samples
+
+    result = timed(call, warmup_call, args.warmup, args.repeats)
     if args.what.startswith("sample_run"):
         result.update(num_steps=args.num_steps, images=b // 2)
     result.update(what=args.what, variant=variant, batch=b, ema=args.ema,

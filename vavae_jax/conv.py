@@ -65,8 +65,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
              and all(d == 1 for d in (lhs_dilation or (1, 1)))
              and all(d == 1 for d in (rhs_dilation or (1, 1)))
              and preferred_element_type is None and lhs.shape[-1] >= MIN_CHANNELS)
-    pads = _explicit_padding(padding, lhs.shape, rhs.shape, tuple(window_strides)) if plain \
-        else None
+    pads = (_explicit_padding(padding, lhs.shape, rhs.shape, tuple(window_strides))
+            if plain else None)
     if pads is None:
         return xla()
     return conv2d_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision)
