@@ -75,9 +75,9 @@ def _dot(x: jax.Array, y: jax.Array, contract: tuple, batch: tuple = ((), ()),
     YNNPACK, but only in the canonical (batch, free, contracted) x (batch, contracted, free)
     row-major form; it sends some other forms to a fallback that rejects this type
     combination, and transposes others into layouts it then runs slowly. On CPU, 16-bit
-    operands are therefore transposed into that form explicitly (`_materialise`). On one CPU
-    device the callers already pass that form in every dtype (`_matmul_nt`, `_matmul_tn`,
-    `_swap`); float32 dots on a sharded mesh, and every dot on GPU / TPU, are left to XLA.
+    operands are therefore transposed into that form explicitly (`_materialise`); the callers
+    already pass it for those kernels (`_matmul_nt`, `_bmm_nt`, `_bmm_tn`). Dots in float32
+    kernels take any form (`_float32_kernels`), and every dot on GPU / TPU is left to XLA.
     """
     accumulate, out_dtype = _accumulation_dtype(x.dtype), out_dtype or x.dtype
     if x.dtype == jnp.bfloat16 and _on_cpu() and cpu_has_bf16_dots() is False:
@@ -159,12 +159,24 @@ def _transpose(a: jax.Array) -> jax.Array:
     return _materialise(_materialise(a).T)
 
 
+def _float32_kernels(dtype: Dtype) -> bool:
+    """Whether a CPU dot of `dtype` operands runs in float32 kernels: float32 itself, or bf16
+    on a CPU without bf16 instructions (`_dot` casts those). YNNPACK packs a transposed
+    operand of such a dot at full rate, so the forms below need no explicit transpose there."""
+    return jnp.dtype(dtype).itemsize == 4 or cpu_has_bf16_dots() is False
+
+
 def _matmul_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     """a (M, N) . b (K, N)^T -> (M, K), in a's dtype, on one CPU device.
 
-    XLA:CPU's matmuls take row-major (M, N) x (N, K) operands only, so one operand gets
-    transposed: b (K x N elements) or, when that is larger, a and the result (the adaLN
-    matmuls: M = batch, K x N = a weight matrix)."""
+    In float32 kernels, one dot contracting both operands' last axes: on a 2-vCPU AVX2 host
+    as fast as the row-major (M, N) x (N, K) product (g . w12^T, 2048 x 4096 x 768: 71 ms
+    against 72 ms), so the weight transpose (10 ms for a (768, 4096) one) is saved. The bf16
+    kernels take (M, N) x (N, K) operands only, so one operand gets transposed: b (K x N
+    elements) or, when that is larger, a and the result (the adaLN matmuls: M = batch,
+    K x N = a weight matrix)."""
+    if _float32_kernels(a.dtype):
+        return _dot(a, b, ((1,), (1,)))
     m, n = a.shape
     k = b.shape[0]
     if k * n > m * n + m * k:
@@ -177,7 +189,9 @@ def _matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
 
     The smaller of the two transposes: a, or b and the result; XLA alone transposes a
     whatever the sizes (for the SwiGLU output matmul, a (2048 x 2048) activation where the
-    (2048 x 768) gradient would do)."""
+    (2048 x 768) gradient would do). Even in float32 kernels the transposed form stays: the
+    dot contracting both leading axes ran at half the rate (x^T . g for w12, 2048 x 768 by
+    2048 x 4096: 142 ms against 72 ms + 2 ms for the transpose)."""
     m, k = a.shape
     n = b.shape[1]
     if m * k > m * n + k * n:
@@ -193,11 +207,11 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """softmax(q k^T) v over (N, T, hd) inputs, N = batch x heads, q already scaled.
 
     Scores and softmax in float32 whatever the input dtype; the probabilities are saved for
-    the backward (ds = p * (dp - rowsum(dp * p))). Every matmul is written as a plain batched
-    (M, K) x (K, P) product and only the small (T, hd) operands are ever transposed, never a
-    (T, T) one. On CPU, per B/1 layer at batch 8, forward: 10 ms against 24 ms for
-    ``jax.nn.dot_product_attention``'s XLA path, forward + backward 35-40 against 51 ms in
-    float32 and 16 ms in bfloat16.
+    the backward (ds = p * (dp - rowsum(dp * p))). In float32 kernels every matmul is one
+    batched dot in whichever form it comes (YNNPACK packs transposed operands itself: per
+    B/1 layer at batch 8 on an AVX2 host, forward + backward 70 ms against 88 ms with the
+    transposes below); for the bf16 kernels, which take (M, K) x (K, P) operands only, the
+    small (T, hd) operands are transposed, never a (T, T) one.
     """
     return _attention_forward(q, k, v)[0]
 
@@ -217,13 +231,34 @@ def _materialise(a: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(a.reshape(-1)).reshape(a.shape)
 
 
+def _any_form(dtype: Dtype) -> bool:
+    """Whether batched dots of `dtype` take any operand form: everywhere but the CPU's bf16
+    kernels."""
+    return not _on_cpu() or _float32_kernels(dtype)
+
+
 def _bmm(a: jax.Array, b: jax.Array, out_dtype: Dtype | None = None) -> jax.Array:
     """(N, M, K) x (N, K, P) -> (N, M, P), float32 accumulation."""
     return _dot(a, b, ((2,), (1,)), ((0,), (0,)), out_dtype=out_dtype)
 
 
+def _bmm_nt(a: jax.Array, b: jax.Array, out_dtype: Dtype | None = None) -> jax.Array:
+    """(N, M, K) x (N, P, K)^T -> (N, M, P); b is a small (T, hd) operand."""
+    if _any_form(a.dtype):
+        return _dot(a, b, ((2,), (2,)), ((0,), (0,)), out_dtype=out_dtype)
+    return _bmm(a, _swap(b), out_dtype)
+
+
+def _bmm_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """(N, K, M)^T x (N, K, P) -> (N, M, P); a is a (T, T) operand, so for the bf16 kernels
+    b and the result are transposed instead: (a^T b)^T = b^T a."""
+    if _any_form(a.dtype):
+        return _dot(a, b, ((1,), (1,)), ((0,), (0,)))
+    return _swap(_bmm(_swap(b), a))
+
+
 def _attention_forward(q, k, v):
-    scores = _bmm(q, _swap(k), out_dtype=jnp.float32)  # (N, Tq, Tk)
+    scores = _bmm_nt(q, k, out_dtype=jnp.float32)  # (N, Tq, Tk)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return _bmm(probs, v), (q, k, v, probs)
 
@@ -231,16 +266,31 @@ def _attention_forward(q, k, v):
 def _attention_backward(residuals, g):
     q, k, v, probs = residuals
     g = g.astype(v.dtype)
-    dv = _swap(_bmm(_swap(g), probs))  # (p^T g)^T = g^T p
-    dprobs = _bmm(g, _swap(v), out_dtype=jnp.float32)
+    dv = _bmm_tn(probs, g)
+    dprobs = _bmm_nt(g, v, out_dtype=jnp.float32)
     p32 = probs.astype(jnp.float32)
     dscores = (p32 * (dprobs - jnp.sum(dprobs * p32, axis=-1, keepdims=True))).astype(q.dtype)
     dq = _bmm(dscores, k)
-    dk = _swap(_bmm(_swap(q), dscores))  # (ds^T q)^T = q^T ds
+    dk = _bmm_tn(dscores, q)
     return dq, dk, dv
 
 
 attention_core.defvjp(_attention_forward, _attention_backward)
+
+MAX_ATTENTION_CHUNKS = 8
+
+
+def attention_chunks(batch: int) -> int:
+    """How many independent `attention_core` calls the batch is split into: on one CPU device
+    one per image, at most `MAX_ATTENTION_CHUNKS` (a divisor of the batch); elsewhere one.
+
+    YNNPACK runs a batched dot on one thread (the B/1 q k^T at batch 8 takes the same 13 ms
+    pinned to one core), so independent chunks are what lets XLA's executor use the others;
+    each chunk's (H, T, T) scores also stay in cache. Per B/1 layer at batch 8, forward +
+    backward: 70 ms in one call, 60 ms in 8 (61-64 ms in 4, 16 or 32)."""
+    if not one_cpu_device():
+        return 1  # the batch axis is the sharded one
+    return math.gcd(batch, MAX_ATTENTION_CHUNKS)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -248,8 +298,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     """Scaled dot-product attention, (B, T, H, hd) in and out.
 
     implementation: None picks `attention_core` on CPU and ``jax.nn.dot_product_attention``
-    (cuDNN flash attention where available) elsewhere; 'explicit' forces the former; 'xla'
-    and 'cudnn' are passed to the latter.
+    (cuDNN flash attention where available) elsewhere; 'explicit' forces the former (in
+    `attention_chunks(B)` independent calls); 'xla' and 'cudnn' are passed to the latter.
     """
     if implementation is None:
         implementation = "explicit" if _on_cpu() else None
@@ -258,6 +308,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     # 1/sqrt(hd) is folded into q (exact for power-of-two head sizes).
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     b, t, h, hd = q.shape
-    heads_major = lambda a: a.transpose(0, 2, 1, 3).reshape(b * h, t, hd)
-    out = attention_core(heads_major(q), heads_major(k), heads_major(v))
+    chunks = attention_chunks(b)
+    heads_major = lambda a: a.transpose(0, 2, 1, 3).reshape(chunks, b // chunks * h, t, hd)
+    q, k, v = heads_major(q), heads_major(k), heads_major(v)
+    out = jnp.stack([attention_core(q[i], k[i], v[i]) for i in range(chunks)])
     return out.reshape(b, h, t, hd).transpose(0, 2, 1, 3)

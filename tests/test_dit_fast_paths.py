@@ -109,6 +109,55 @@ def test_bfloat16_model_differentiates(kwargs, batch, cpu_path):
     assert _relative(flat16, flat32) < 5e-2
 
 
+def _transposed_shapes(fn, *args) -> list:
+    """The result shapes of every transpose in fn's lowered (not yet optimised) program."""
+    text = jax.jit(fn).lower(*args).as_text()
+    return [line.rsplit("-> ", 1)[1] for line in text.splitlines()
+            if "stablehlo.transpose" in line]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_float32_kernels_take_transposed_operands(native, monkeypatch):
+    """In float32 kernels dx = g . w^T is one dot with no transpose of the weight (YNNPACK
+    packs it at full rate) and the attention transposes nothing; the bf16 kernels get
+    row-major operands, and in the attention never a transposed (T, T) one."""
+    monkeypatch.setattr(ops, "cpu_has_bf16_dots", lambda: native)
+    x = jax.random.normal(jax.random.key(0), (40, 24)).astype(jnp.bfloat16)
+    kernel = jax.random.normal(jax.random.key(1), (24, 16))
+
+    def dense_fwd_bwd(x, kernel):
+        y, vjp = jax.vjp(lambda x, k: dense_matmul(x, k, 1), x, kernel)
+        return vjp(jnp.ones_like(y))
+
+    # dkernel transposes x (the smaller side) either way; dx adds the weight for bf16 only.
+    assert len(_transposed_shapes(dense_fwd_bwd, x, kernel)) == (2 if native else 1)
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (3, 10, 4)) for i in range(3))
+
+    def attention_fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(ops.attention_core, q, k, v)
+        return vjp(out)
+
+    assert _transposed_shapes(attention_fwd_bwd, q, k, v) == []
+    bf16 = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    shapes = _transposed_shapes(attention_fwd_bwd, *bf16)
+    assert (len(shapes) > 0) == native and not any("10x10" in s for s in shapes), shapes
+
+
+def test_attention_runs_in_one_chunk_per_image():
+    """One CPU device: up to 8 independent attention calls (a divisor of the batch), equal to
+    one call over the whole batch; on a sharded mesh the batch axis stays whole."""
+    assert [ops.attention_chunks(b) for b in (1, 2, 6, 8, 12, 32)] == [1, 2, 2, 8, 4, 8]
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
+        assert ops.attention_chunks(8) == 1
+    q, k, v = (jax.random.normal(jax.random.key(i), (8, 6, 2, 4)) for i in range(3))
+    text = jax.jit(dot_product_attention).lower(q, k, v).as_text()
+    assert text.count("stablehlo.exponential") == 8  # one softmax per chunk
+    whole = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    np.testing.assert_allclose(jax.jit(dot_product_attention)(q, k, v), whole, rtol=1e-5,
+                               atol=1e-6)
+
+
 def _dot_operand_types(fn, *args) -> set:
     """The operand element types of every dot_general in fn's lowered program."""
     text = jax.jit(fn).lower(*args).as_text()
