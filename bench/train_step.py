@@ -97,13 +97,10 @@ def vavae_flops_per_image(adapter, state) -> float:
     return adapter.flops_per_example(params, count=matmul_flops)
 
 
-def run(model: str = "lightningdit", variant: str = "B/1", batch: int | None = None,
-        dtype: str = "float32", steps: int = 5, warmup: int = 2, peak: bool = True,
-        peak_matmul_n: int = 2048, remat: bool = False) -> dict:
-    """Build, compile and time the step; returns the result dict (see the module docstring).
-    `peak=False` skips the peak measurement (mfu then is None); on CPU the peak is the best
-    (peak_matmul_n)^3 matmul in `dtype`, measured before and after the timed steps. `remat`
-    checkpoints each LightningDiT block (config.model.remat)."""
+def compiled_step(model: str = "lightningdit", variant: str = "B/1", batch: int | None = None,
+                  dtype: str = "float32", remat: bool = False) -> dict:
+    """The loop's step for `model` / `variant`, compiled on a one-device mesh, with its
+    inputs: a dict of config, adapter, batch, compiled, compile_s, state, data, rng, frozen."""
     common.jnp_dtype(dtype)
     batch = batch or DEFAULT_BATCH[model]
     if model == "lightningdit":
@@ -123,7 +120,6 @@ def run(model: str = "lightningdit", variant: str = "B/1", batch: int | None = N
                         make_batch(model, adapter, batch))
     frozen = adapter.frozen(mesh)
     rng = jax.random.key(1)
-    flops_per_image, flops_method = explicit_flops_per_image(model, adapter, state)
 
     # -- the loop's jit: explicit shardings, state donated ------------------------------------
     replicated = sharding.replicated(mesh)
@@ -133,6 +129,23 @@ def run(model: str = "lightningdit", variant: str = "B/1", batch: int | None = N
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
     with sharding.mesh_context(mesh):
         compiled, compile_s = common.compile_timed(step, state, data, rng, frozen)
+    return dict(config=config, adapter=adapter, batch=batch, compiled=compiled,
+                compile_s=compile_s, state=state, data=data, rng=rng, frozen=frozen)
+
+
+def run(model: str = "lightningdit", variant: str = "B/1", batch: int | None = None,
+        dtype: str = "float32", steps: int = 5, warmup: int = 2, peak: bool = True,
+        peak_matmul_n: int = 2048, remat: bool = False) -> dict:
+    """Build, compile and time the step; returns the result dict (see the module docstring).
+    `peak=False` skips the peak measurement (mfu then is None); on CPU the peak is the best
+    (peak_matmul_n)^3 matmul in `dtype`, measured before and after the timed steps. `remat`
+    checkpoints each LightningDiT block (config.model.remat)."""
+    built = compiled_step(model, variant, batch, dtype, remat)
+    config, adapter, batch = built["config"], built["adapter"], built["batch"]
+    compiled, compile_s = built["compiled"], built["compile_s"]
+    data, rng, frozen = built["data"], built["rng"], built["frozen"]
+    state = built.pop("state")
+    flops_per_image, flops_method = explicit_flops_per_image(model, adapter, state)
     xla_flops = common.cost_flops(compiled)
 
     holder = [state]

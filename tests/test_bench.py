@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bench import compare, sample, train_step, vae
+from bench import compare, profile_step, sample, train_step, vae
 from bench.common import cost_flops
 from bench.flops import lightningdit_forward_flops, matmul_flops
 from dit_jax import RELEASED_FLAGS, LightningDiT, lightningdit_kwargs
@@ -58,6 +58,28 @@ def test_train_step_lightningdit(capsys):
 
     # main asked; in this (pytest) process it never restarts
     assert r["huge_pages"] == host_memory.status() == "off: not a launch / bench command"
+
+
+def test_profile_step_shares_the_wall_time_out(capsys):
+    profile_step.main(["--model", "lightningdit", "--variant", "tiny", "--batch", "4",
+                       "--top", "50"])
+    r = last_json(capsys)
+    assert r["bench"] == "profile_step" and r["wall_s"] > 0
+    # one traced step: the shares and the gaps make up its wall time
+    assert sum(r["attributed_s"].values()) + r["idle_s"] == pytest.approx(r["wall_s"], rel=1e-6)
+    assert r["attributed_s"]["dot"] > 0 and r["dots"]
+    assert {d["label"].split(" ")[0] for d in r["dots"]} >= {"qkv", "proj", "w12", "w3"}
+    # the dots found in the compiled step are the model's matmuls: 3 x forward per image
+    built = train_step.compiled_step("lightningdit", "tiny", 4)
+    explicit, _ = train_step.explicit_flops_per_image("lightningdit", built["adapter"],
+                                                      built["state"])
+    assert r["dot_flops"] == pytest.approx(4 * explicit, rel=0.1)
+
+
+def test_profile_attribution_shares_overlaps():
+    events = [(0.0, 2.0, "a"), (1.0, 3.0, "b"), (5.0, 6.0, "a")]
+    shares, idle = profile_step.attribute(events)
+    assert shares == pytest.approx({"a": 2.5, "b": 1.5}) and idle == pytest.approx(2.0)
 
 
 def test_variant_names():

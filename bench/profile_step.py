@@ -1,0 +1,209 @@
+"""Where a training step's wall time goes on CPU, per kind of XLA op (a `jax.profiler` trace).
+
+    python -m bench.profile_step --model lightningdit --variant B/1 --batch 8
+    python -m bench.profile_step --model vavae --variant f16d32 --steps 1 --top 20
+
+Compiles `bench.train_step`'s step (the loop's jitted step on one device), runs it
+`--warmup` times (at least once) untraced, then `--steps` times under `jax.profiler`, and
+reads back the trace. XLA:CPU names each event after the HLO instruction it runs (a fusion,
+a dot, a copy), so each event is classified by what that instruction computes in the
+compiled HLO: `dot` (per layer name and operand shapes, with its FLOP rate), `convolution`,
+`transpose` (layout changes), `reduce`, `elementwise`, `copy`, `other`.
+
+XLA runs independent ops side by side, so summed op durations overstate the step. Here every
+stretch of the timeline is shared out equally among the ops running in it, and the shares
+add up to the step's wall time less the `idle` gaps. Prints a table and, as its last line,
+one JSON object: `wall_s` per step, `idle_s`, `attributed_s` per kind, `dots` (the top
+`--top` layer / shape groups: `wall_s`, `tflops_per_s`, `count`) and `dot_flops`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import math
+import os
+import re
+import tempfile
+
+import jax
+
+from bench import common
+from bench.train_step import compiled_step
+
+# First match wins: a fusion holding a dot is a dot, even with elementwise work around it.
+KINDS = ("convolution", "dot", "reduce-window", "reduce", "transpose")
+CONTROL_FLOW = ("while", "conditional", "call")  # their events enclose the ops they run
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*?\{\n(.*?)\n\}", re.S | re.M)
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])\S* ([\w\-]+)\((.*)$")
+
+
+def _dims(shape: str) -> list[int]:
+    return [int(d) for d in shape[shape.index("[") + 1:-1].split(",") if d]
+
+
+def _dot_info(line: str, shapes: dict) -> tuple[str, float]:
+    """(label, FLOPs) of one HLO dot line; shapes maps operand names to their shapes."""
+    m = _INSTRUCTION.match(line)
+    out, rest = m.group(2), m.group(4)
+    lhs_name, rhs_name = (a.strip().lstrip("%") for a in rest.split(")", 1)[0].split(","))
+    lhs, rhs = shapes.get(lhs_name, "?[]"), shapes.get(rhs_name, "?[]")
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+    k = 0  # no FLOPs where the operand's shape is unknown
+    if contracting and lhs_name in shapes:
+        lhs_dims = _dims(lhs)
+        k = math.prod(lhs_dims[int(d)] for d in contracting.group(1).split(",") if d)
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    parts = [p for p in op_name.group(1).split("/") if p != "dot_general"] if op_name else []
+    layer = parts[-1] if parts else "?"
+    label = f"{layer} {lhs[lhs.index('['):]} x {rhs[rhs.index('['):]}"
+    return label, 2.0 * math.prod(_dims(out)) * k
+
+
+def classify_hlo(hlo_text: str) -> dict:
+    """Instruction name -> (kind, dot label or None, FLOPs) for every instruction of the
+    compiled module's computations (fusion bodies included)."""
+    bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo_text)}
+    parsed = {}  # computation -> [(name, shape, op, line)]
+    for comp, body in bodies.items():
+        parsed[comp] = [(m.group(1), m.group(2), m.group(3), line)
+                        for line in body.splitlines() if (m := _INSTRUCTION.match(line))]
+    table = {}
+    for instructions in parsed.values():
+        shapes = {name: shape for name, shape, _, _ in instructions}
+        for name, _, op, line in instructions:
+            if op == "fusion":
+                called = re.search(r"calls=%?([\w.\-]+)", line)
+                inner = parsed.get(called.group(1), []) if called else []
+                inner_ops = {o for _, _, o, _ in inner}
+                kind = next((k for k in KINDS if k in inner_ops), "elementwise")
+                if kind == "dot":
+                    inner_shapes = {n: s for n, s, _, _ in inner}
+                    dot_line = next(ln for _, _, o, ln in inner if o == "dot")
+                    table[name] = ("dot", *_dot_info(dot_line, inner_shapes))
+                else:
+                    table[name] = (kind, None, 0.0)
+            elif op == "dot":
+                table[name] = ("dot", *_dot_info(line, shapes))
+            elif op in ("copy", "convolution", "transpose"):
+                table[name] = (op, None, 0.0)
+            elif op not in ("parameter", "constant", "bitcast", "get-tuple-element", "tuple"):
+                table[name] = ("other", None, 0.0)
+    return table
+
+
+def attribute(events: list[tuple[float, float, str]]) -> tuple[collections.Counter, float]:
+    """Share every stretch of the timeline equally among the events running in it.
+
+    events: (start, end, key). Returns (seconds per key, idle seconds between the first
+    start and the last end)."""
+    marks = sorted([(s, 1, i) for i, (s, _, _) in enumerate(events)]
+                   + [(e, -1, i) for i, (_, e, _) in enumerate(events)])
+    shares, idle, active, last = collections.Counter(), 0.0, set(), None
+    for t, change, i in marks:
+        if last is not None:
+            if active:
+                for j in active:
+                    shares[events[j][2]] += (t - last) / len(active)
+            else:
+                idle += t - last
+        last = t
+        (active.add if change > 0 else active.discard)(i)
+    return shares, idle
+
+
+def trace_events(trace_dir: str) -> list[dict]:
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+    if not files:
+        raise SystemExit(f"no *.trace.json.gz under {trace_dir}: the profiler wrote no trace")
+    with gzip.open(files[-1]) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    return [e for e in events if e.get("ph") == "X" and "dur" in e]
+
+
+def profile(model: str = "lightningdit", variant: str = "B/1", batch: int | None = None,
+            dtype: str = "float32", steps: int = 1, warmup: int = 1, top: int = 15,
+            trace_dir: str | None = None) -> dict:
+    built = compiled_step(model, variant, batch, dtype)
+    compiled, data, rng, frozen = (built[k] for k in ("compiled", "data", "rng", "frozen"))
+    table = classify_hlo(compiled.as_text())
+    state = built.pop("state")
+    for _ in range(max(warmup, 1)):  # untraced: first-call costs
+        state, metrics = compiled(state, data, rng, frozen)
+        jax.block_until_ready(metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_dir = trace_dir or tmp
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(steps):
+            state, metrics = compiled(state, data, rng, frozen)
+            jax.block_until_ready(metrics)
+        jax.profiler.stop_trace()
+        raw = trace_events(trace_dir)
+    del state
+
+    ops = []  # (start s, end s, key)
+    flops, counts = collections.Counter(), collections.Counter()  # per key, over all steps
+    for e in raw:
+        entry = table.get(e["name"])
+        if entry is None or e["name"].split(".")[0] in CONTROL_FLOW:
+            continue
+        kind, label, f = entry
+        key = f"dot {label}" if kind == "dot" else kind
+        ops.append((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, key))
+        flops[key] += f
+        counts[key] += 1
+    if not ops:
+        raise SystemExit("no trace event matched an HLO instruction of the step (this reads "
+                         "XLA:CPU traces, whose events carry the instruction names)")
+    shares, idle = attribute(ops)
+    wall = (max(e for _, e, _ in ops) - min(s for s, _, _ in ops)) / steps
+    kinds = collections.Counter()
+    for key, seconds in shares.items():
+        kinds[key.split(" ")[0]] += seconds / steps
+    dots = [{"label": key[4:], "wall_s": seconds / steps, "count": counts[key] // steps,
+             "tflops_per_s": flops[key] / seconds / 1e12 if seconds else None}
+            for key, seconds in shares.most_common() if key.startswith("dot ")][:top]
+    return {"bench": "profile_step", "model": model,
+            "variant": variant, "batch": built["batch"], "dtype": dtype, "steps": steps,
+            "wall_s": wall, "idle_s": idle / steps,
+            "attributed_s": dict(kinds.most_common()), "dots": dots,
+            "dot_flops": sum(flops.values()) / steps, **common.device_info()}
+
+
+def report(r: dict) -> None:
+    print(f"{r['model']} {r['variant']} batch {r['batch']} {r['dtype']} on {r['device']}: "
+          f"{r['wall_s']:.3f} s per step, {r['idle_s']:.3f} s with no op running")
+    for kind, seconds in r["attributed_s"].items():
+        print(f"  {kind:14s} {seconds:8.3f} s  {100 * seconds / r['wall_s']:5.1f}%")
+    print("  dots (layer, operand shapes): wall share, TFLOP/s, per step")
+    for d in r["dots"]:
+        rate = f"{d['tflops_per_s']:.3f}" if d["tflops_per_s"] is not None else "n/a"
+        print(f"    {d['wall_s']:8.3f} s {rate:>7s} TFLOP/s {d['count']:4d}x  {d['label']}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="lightningdit", choices=["lightningdit", "vavae"])
+    parser.add_argument("--variant", default=None, help="as bench.train_step (default B/1 / "
+                        "f16d32)")
+    parser.add_argument("--batch", type=int, default=None, help="as bench.train_step")
+    parser.add_argument("--top", type=int, default=15, help="dot groups listed")
+    parser.add_argument("--trace_dir", default=None,
+                        help="keep the trace here (default: a temporary directory)")
+    common.common_args(parser, steps=1, warmup=1)
+    args = parser.parse_args(argv)
+    common.start(args)
+    variant = args.variant or ("B/1" if args.model == "lightningdit" else "f16d32")
+    r = profile(args.model, variant, args.batch, args.dtype, args.steps, args.warmup, args.top,
+                args.trace_dir)
+    report(r)
+    common.emit(r)
+
+
+if __name__ == "__main__":
+    main()
