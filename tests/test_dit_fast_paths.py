@@ -145,14 +145,20 @@ def test_float32_kernels_take_transposed_operands(native, monkeypatch):
 
 
 def test_attention_runs_in_one_chunk_per_image():
-    """One CPU device: up to 8 independent attention calls (a divisor of the batch), equal to
-    one call over the whole batch; on a sharded mesh the batch axis stays whole."""
-    assert [ops.attention_chunks(b) for b in (1, 2, 6, 8, 12, 32)] == [1, 2, 2, 8, 4, 8]
+    """One CPU device: up to 8 independent attention calls (a divisor of the batch) while each
+    keeps 2^18 score entries, equal to one call over the whole batch; small attentions and
+    sharded meshes stay in one call."""
+    b1 = 12 * 256 * 256  # scores per image of LightningDiT-B/1
+    assert [ops.attention_chunks(b, 12, 256) for b in (1, 2, 6, 8, 12, 32)] == \
+        [1, 2, 6, 8, 6, 8]
+    assert ops.attention_chunks(8, 4, 16) == 1 and ops.attention_chunks(64, 4, 16) == 1
+    assert ops.attention_chunks(16, 12, 64) == 2  # B/2: 8 images x 12 x 64 x 64 >= 2^18
+    assert b1 >= ops.MIN_CHUNK_SCORES
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",))):
-        assert ops.attention_chunks(8) == 1
-    q, k, v = (jax.random.normal(jax.random.key(i), (8, 6, 2, 4)) for i in range(3))
+        assert ops.attention_chunks(8, 12, 256) == 1
+    q, k, v = (jax.random.normal(jax.random.key(i), (8, 256, 4, 8)) for i in range(3))
     text = jax.jit(dot_product_attention).lower(q, k, v).as_text()
-    assert text.count("stablehlo.exponential") == 8  # one softmax per chunk
+    assert text.count("stablehlo.exponential") == 8  # one softmax per image
     whole = jax.nn.dot_product_attention(q, k, v, implementation="xla")
     np.testing.assert_allclose(jax.jit(dot_product_attention)(q, k, v), whole, rtol=1e-5,
                                atol=1e-6)
