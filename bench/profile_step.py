@@ -12,9 +12,13 @@ compiled HLO: `dot` (per layer name and operand shapes, with its FLOP rate), `co
 
 XLA runs independent ops side by side, so summed op durations overstate the step. Here every
 stretch of the timeline is shared out equally among the ops running in it, and the shares
-add up to the step's wall time less the `idle` gaps. Prints a table and, as its last line,
-one JSON object: `wall_s` per step, `idle_s`, `attributed_s` per kind, `dots` (the top
-`--top` layer / shape groups: `wall_s`, `tflops_per_s`, `count`) and `dot_flops`.
+add up to the step's wall time less `idle_s`, the time with no traced op running. That is
+host gaps, and ops XLA:CPU does not trace: its own (Eigen) convolutions, which
+`launch.xla_cpu`'s flag selects for the VA-VAE (5.5 s of a 15.2 s f16d32 step); profile
+with `--no-xla_cpu_flags` to see the convolutions as (traced) YNNPACK fusions instead.
+Prints a table and, as its last line, one JSON object: `wall_s` per step, `idle_s`,
+`attributed_s` per kind, `dots` (the top `--top` layer / shape groups: `wall_s`,
+`tflops_per_s`, `count`) and `dot_flops`.
 """
 
 from __future__ import annotations
@@ -177,7 +181,8 @@ def profile(model: str = "lightningdit", variant: str = "B/1", batch: int | None
 
 def report(r: dict) -> None:
     print(f"{r['model']} {r['variant']} batch {r['batch']} {r['dtype']} on {r['device']}: "
-          f"{r['wall_s']:.3f} s per step, {r['idle_s']:.3f} s with no op running")
+          f"{r['wall_s']:.3f} s per step, {r['idle_s']:.3f} s with no traced op running "
+          f"(host gaps; XLA:CPU does not trace its own convolutions)")
     for kind, seconds in r["attributed_s"].items():
         print(f"  {kind:14s} {seconds:8.3f} s  {100 * seconds / r['wall_s']:5.1f}%")
     print("  dots (layer, operand shapes): wall share, TFLOP/s, per step")
