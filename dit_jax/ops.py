@@ -65,6 +65,23 @@ def _accumulation_dtype(dtype: Dtype) -> Dtype:
     return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
 
 
+def _bf16_in_float32_kernels(dtype: Dtype) -> bool:
+    """bf16 operands on a CPU without bf16 instructions, which `_dot` casts to float32: the
+    same products (bf16 x bf16 is exact in float32; the sums are float32 either way) in
+    faster kernels."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and _on_cpu() and cpu_has_bf16_dots() is False
+
+
+def _row_major_kernels(dtype: Dtype) -> bool:
+    """Whether a dot of `dtype` operands reaches XLA:CPU's 16-bit kernels, which take only
+    the canonical row-major form (see `_dot`). Every other dot takes its operands in any
+    form: float32 kernels (YNNPACK packs a transposed operand at full rate: g . w12^T,
+    2048 x 4096 x 768, 71 ms against 72 ms for the row-major product, which also needed a
+    10 ms weight transpose) and every dot on GPU / TPU."""
+    return (_on_cpu() and jnp.dtype(dtype).itemsize < 4
+            and not _bf16_in_float32_kernels(dtype))
+
+
 def _dot(x: jax.Array, y: jax.Array, contract: tuple, batch: tuple = ((), ()),
          out_dtype: Dtype | None = None) -> jax.Array:
     """``lax.dot_general(x, y, (contract, batch))`` with float32 accumulation, cast to
@@ -76,15 +93,13 @@ def _dot(x: jax.Array, y: jax.Array, contract: tuple, batch: tuple = ((), ()),
     row-major form; it sends some other forms to a fallback that rejects this type
     combination, and transposes others into layouts it then runs slowly. On CPU, 16-bit
     operands are therefore transposed into that form explicitly (`_materialise`); the callers
-    already pass it for those kernels (`_matmul_nt`, `_bmm_nt`, `_bmm_tn`). Dots in float32
-    kernels take any form (`_float32_kernels`), and every dot on GPU / TPU is left to XLA.
+    already pass it for those kernels (`_matmul_nt`, `_bmm_nt`, `_bmm_tn`). Other dots take
+    any form (`_row_major_kernels`).
     """
     accumulate, out_dtype = _accumulation_dtype(x.dtype), out_dtype or x.dtype
-    if x.dtype == jnp.bfloat16 and _on_cpu() and cpu_has_bf16_dots() is False:
-        # No bf16 instructions: float32 kernels on the same values are faster and give the
-        # same products (bf16 x bf16 is exact in float32; the sums are float32 either way).
+    if _bf16_in_float32_kernels(x.dtype):
         x, y = x.astype(jnp.float32), y.astype(jnp.float32)
-    elif accumulate != x.dtype and _on_cpu():
+    elif _row_major_kernels(x.dtype):
         (x_contract, y_contract), (x_batch, y_batch) = contract, batch
         x_free = [a for a in range(x.ndim) if a not in (*x_contract, *x_batch)]
         y_free = [a for a in range(y.ndim) if a not in (*y_contract, *y_batch)]
@@ -159,23 +174,14 @@ def _transpose(a: jax.Array) -> jax.Array:
     return _materialise(_materialise(a).T)
 
 
-def _float32_kernels(dtype: Dtype) -> bool:
-    """Whether a CPU dot of `dtype` operands runs in float32 kernels: float32 itself, or bf16
-    on a CPU without bf16 instructions (`_dot` casts those). YNNPACK packs a transposed
-    operand of such a dot at full rate, so the forms below need no explicit transpose there."""
-    return jnp.dtype(dtype).itemsize == 4 or cpu_has_bf16_dots() is False
-
-
 def _matmul_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     """a (M, N) . b (K, N)^T -> (M, K), in a's dtype, on one CPU device.
 
-    In float32 kernels, one dot contracting both operands' last axes: on a 2-vCPU AVX2 host
-    as fast as the row-major (M, N) x (N, K) product (g . w12^T, 2048 x 4096 x 768: 71 ms
-    against 72 ms), so the weight transpose (10 ms for a (768, 4096) one) is saved. The bf16
-    kernels take (M, N) x (N, K) operands only, so one operand gets transposed: b (K x N
-    elements) or, when that is larger, a and the result (the adaLN matmuls: M = batch,
-    K x N = a weight matrix)."""
-    if _float32_kernels(a.dtype):
+    One dot contracting both operands' last axes, except for the 16-bit kernels
+    (`_row_major_kernels`), which take (M, N) x (N, K) operands only: there one operand gets
+    transposed, b (K x N elements) or, when that is larger, a and the result (the adaLN
+    matmuls: M = batch, K x N = a weight matrix)."""
+    if not _row_major_kernels(a.dtype):
         return _dot(a, b, ((1,), (1,)))
     m, n = a.shape
     k = b.shape[0]
@@ -207,34 +213,27 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """softmax(q k^T) v over (N, T, hd) inputs, N = batch x heads, q already scaled.
 
     Scores and softmax in float32 whatever the input dtype; the probabilities are saved for
-    the backward (ds = p * (dp - rowsum(dp * p))). In float32 kernels every matmul is one
-    batched dot in whichever form it comes (YNNPACK packs transposed operands itself: per
-    B/1 layer at batch 8 on an AVX2 host, forward + backward 70 ms against 88 ms with the
-    transposes below); for the bf16 kernels, which take (M, K) x (K, P) operands only, the
-    small (T, hd) operands are transposed, never a (T, T) one.
+    the backward (ds = p * (dp - rowsum(dp * p))). Every matmul is one batched dot in
+    whichever form it comes (per B/1 layer at batch 8 on an AVX2 host, forward + backward
+    70 ms against 88 ms with explicit transposes), except for the 16-bit kernels
+    (`_row_major_kernels`), where the small (T, hd) operands are transposed, never a (T, T)
+    one.
     """
     return _attention_forward(q, k, v)[0]
 
 
 def _swap(a: jax.Array) -> jax.Array:
-    """(N, A, B) -> (N, B, A), pinned row-major on one CPU device (see `_transpose`); on a
-    sharded CPU mesh only for 16-bit inputs (see `_dot`)."""
+    """(N, A, B) -> (N, B, A) as a row-major copy for the 16-bit kernels (see `_dot`); on one
+    CPU device its input is pinned too (see `_transpose`)."""
     if one_cpu_device():
         return _materialise(_materialise(a).transpose(0, 2, 1))
-    a = a.transpose(0, 2, 1)
-    return _materialise(a) if a.dtype.itemsize < 4 and _on_cpu() else a
+    return _materialise(a.transpose(0, 2, 1))
 
 
 def _materialise(a: jax.Array) -> jax.Array:
     """`a` as a row-major copy XLA can neither fold into its consumer nor give another
     layout: a barrier on the flattened array (one possible layout), then a free reshape."""
     return jax.lax.optimization_barrier(a.reshape(-1)).reshape(a.shape)
-
-
-def _any_form(dtype: Dtype) -> bool:
-    """Whether batched dots of `dtype` take any operand form: everywhere but the CPU's bf16
-    kernels."""
-    return not _on_cpu() or _float32_kernels(dtype)
 
 
 def _bmm(a: jax.Array, b: jax.Array, out_dtype: Dtype | None = None) -> jax.Array:
@@ -244,15 +243,15 @@ def _bmm(a: jax.Array, b: jax.Array, out_dtype: Dtype | None = None) -> jax.Arra
 
 def _bmm_nt(a: jax.Array, b: jax.Array, out_dtype: Dtype | None = None) -> jax.Array:
     """(N, M, K) x (N, P, K)^T -> (N, M, P); b is a small (T, hd) operand."""
-    if _any_form(a.dtype):
+    if not _row_major_kernels(a.dtype):
         return _dot(a, b, ((2,), (2,)), ((0,), (0,)), out_dtype=out_dtype)
     return _bmm(a, _swap(b), out_dtype)
 
 
 def _bmm_tn(a: jax.Array, b: jax.Array) -> jax.Array:
-    """(N, K, M)^T x (N, K, P) -> (N, M, P); a is a (T, T) operand, so for the bf16 kernels
+    """(N, K, M)^T x (N, K, P) -> (N, M, P); a is a (T, T) operand, so for the 16-bit kernels
     b and the result are transposed instead: (a^T b)^T = b^T a."""
-    if _any_form(a.dtype):
+    if not _row_major_kernels(a.dtype):
         return _dot(a, b, ((1,), (1,)), ((0,), (0,)))
     return _swap(_bmm(_swap(b), a))
 
