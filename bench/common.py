@@ -64,6 +64,27 @@ def common_args(parser, *, steps: int = 5, warmup: int = 2) -> None:
                              "launch commands do (launch.host_memory); --no-huge_pages: not")
 
 
+ATTENTION = ("", "explicit", "xla", "cudnn")
+
+
+def attention_arg(parser) -> None:
+    parser.add_argument("--attention", default="", choices=ATTENTION,
+                        help="LightningDiT's attention (config.model.attention_impl): '' the "
+                             "backend's default (explicit core on CPU, jax.nn elsewhere), "
+                             "'explicit', 'xla' (jax.nn's XLA path) or 'cudnn' (flash "
+                             "attention, CUDA GPUs only)")
+
+
+def check_attention(name: str) -> str:
+    """`name` if this backend can run it; a readable exit otherwise (cuDNN off a GPU)."""
+    if name not in ATTENTION:
+        raise SystemExit(f"--attention {name!r}: one of {', '.join(map(repr, ATTENTION))}")
+    if name == "cudnn" and jax.default_backend() != "gpu":
+        raise SystemExit(f"--attention cudnn needs a CUDA GPU; this backend is "
+                         f"{jax.default_backend()}")
+    return name
+
+
 def start(args) -> None:
     """First thing in an entry point's `main`, before JAX starts: the --huge_pages restart
     (which re-executes the command with the same arguments), --xla_flags, then the

@@ -45,10 +45,11 @@ def sampling_options(num_steps: int) -> dict:
 
 
 def run(variant: str = "B/1", batch: int = 8, dtype: str = "float32", steps: int = 5,
-        warmup: int = 2, num_steps: int = 250) -> dict:
+        warmup: int = 2, num_steps: int = 250, attention: str = "") -> dict:
     if batch % 2:
         raise SystemExit(f"--batch {batch}: must be even (conditional + unconditional halves)")
     config = dit_config(variant, dtype)
+    config.model.attention_impl = common.check_attention(attention)
     model = build.dit_model(config)
     n = batch // 2
     s, c = model.input_size, model.in_channels
@@ -71,6 +72,7 @@ def run(variant: str = "B/1", batch: int = 8, dtype: str = "float32", steps: int
     flops_per_call = batch * lightningdit_forward_flops(build.dit_kwargs(config))
     result = {
         "bench": "sample", "variant": config.model.variant, "batch": batch, "dtype": dtype,
+        "attention": attention or "default",
         "steps": steps, "warmup": warmup, **guidance,
         "calls_per_s": 1.0 / timing["median_s"], "call_s": timing["median_s"],
         "call_min_s": timing["min_s"], "call_max_s": timing["max_s"],
@@ -121,10 +123,12 @@ def main(argv=None):
                         help="rows per model call: half conditional, half unconditional")
     parser.add_argument("--num_steps", type=int, default=250,
                         help="grid points of the whole-sample timing (upstream's 250; 0: skip it)")
+    common.attention_arg(parser)
     common.common_args(parser)
     args = parser.parse_args(argv)
     common.start(args)
-    r = run(args.variant, args.batch, args.dtype, args.steps, args.warmup, args.num_steps)
+    r = run(args.variant, args.batch, args.dtype, args.steps, args.warmup, args.num_steps,
+            args.attention)
     report(r)
     common.emit(r)
 

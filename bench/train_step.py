@@ -98,15 +98,20 @@ def vavae_flops_per_image(adapter, state) -> float:
 
 
 def compiled_step(model: str = "lightningdit", variant: str = "B/1", batch: int | None = None,
-                  dtype: str = "float32", remat: bool = False) -> dict:
+                  dtype: str = "float32", remat: bool = False, attention: str = "") -> dict:
     """The loop's step for `model` / `variant`, compiled on a one-device mesh, with its
-    inputs: a dict of config, adapter, batch, compiled, compile_s, state, data, rng, frozen."""
+    inputs: a dict of config, adapter, batch, compiled, compile_s, state, data, rng, frozen.
+    `attention`: LightningDiT's config.model.attention_impl ('' = the backend's default)."""
     common.jnp_dtype(dtype)
     batch = batch or DEFAULT_BATCH[model]
     if model == "lightningdit":
         config = dit_config(variant, dtype)
         config.model.remat = remat
+        config.model.attention_impl = common.check_attention(attention)
     elif model == "vavae":
+        if attention:
+            raise SystemExit("--attention applies to LightningDiT only (the VA-VAE's "
+                             "mid-block attention has one implementation)")
         config = vavae_config(variant, dtype)
     else:
         raise SystemExit(f"--model {model!r}: lightningdit or vavae")
@@ -135,12 +140,13 @@ def compiled_step(model: str = "lightningdit", variant: str = "B/1", batch: int 
 
 def run(model: str = "lightningdit", variant: str = "B/1", batch: int | None = None,
         dtype: str = "float32", steps: int = 5, warmup: int = 2, peak: bool = True,
-        peak_matmul_n: int = 2048, remat: bool = False) -> dict:
+        peak_matmul_n: int = 2048, remat: bool = False, attention: str = "") -> dict:
     """Build, compile and time the step; returns the result dict (see the module docstring).
     `peak=False` skips the peak measurement (mfu then is None); on CPU the peak is the best
     (peak_matmul_n)^3 matmul in `dtype`, measured before and after the timed steps. `remat`
-    checkpoints each LightningDiT block (config.model.remat)."""
-    built = compiled_step(model, variant, batch, dtype, remat)
+    checkpoints each LightningDiT block (config.model.remat); `attention` picks its attention
+    (config.model.attention_impl: '', 'explicit', 'xla' or 'cudnn')."""
+    built = compiled_step(model, variant, batch, dtype, remat, attention)
     config, adapter, batch = built["config"], built["adapter"], built["batch"]
     compiled, compile_s = built["compiled"], built["compile_s"]
     data, rng, frozen = built["data"], built["rng"], built["frozen"]
@@ -167,7 +173,9 @@ def run(model: str = "lightningdit", variant: str = "B/1", batch: int | None = N
     result = {
         "bench": "train_step", "model": model,
         "variant": config.model.variant if model == "lightningdit" else config.variant,
-        "batch": batch, "dtype": dtype, "remat": remat, "steps": steps, "warmup": warmup,
+        "batch": batch, "dtype": dtype, "remat": remat,
+        "attention": ((config.model.attention_impl or "default") if model == "lightningdit"
+                      else None), "steps": steps, "warmup": warmup,
         "images_per_s": images_per_s, "step_s": timing["median_s"],
         "step_min_s": timing["min_s"], "step_max_s": timing["max_s"],
         "tflops_per_s": tflops, "flops_per_image": flops_per_image,
@@ -214,12 +222,13 @@ def main(argv=None):
                         help="CPU: size of the matmul (in --dtype) whose best speed is the peak")
     parser.add_argument("--remat", action="store_true",
                         help="lightningdit: rematerialise each block in the backward")
+    common.attention_arg(parser)
     common.common_args(parser)
     args = parser.parse_args(argv)
     common.start(args)
     variant = args.variant or ("B/1" if args.model == "lightningdit" else "f16d32")
     r = run(args.model, variant, args.batch, args.dtype, args.steps, args.warmup,
-            peak_matmul_n=args.peak_matmul_n, remat=args.remat)
+            peak_matmul_n=args.peak_matmul_n, remat=args.remat, attention=args.attention)
     report(r)
     common.emit(r)
 

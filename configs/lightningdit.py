@@ -40,6 +40,9 @@ def _model(variant: str, name: str | None = None, **overrides) -> ml_collections
         "learn_sigma": False,
         "dtype": "float32",
         "remat": False,
+        # '' picks per backend (the explicit core on CPU, jax.nn's choice elsewhere); or
+        # 'explicit', 'xla', 'cudnn' (dit_jax.ops.dot_product_attention)
+        "attention_impl": "",
         **overrides,
     })
 

@@ -13,18 +13,29 @@ import ml_collections
 # -- LightningDiT ----------------------------------------------------------------------------
 
 
+ATTENTION_IMPLS = ("", "explicit", "xla", "cudnn")
+
+
 def dit_kwargs(config: ml_collections.ConfigDict) -> dict:
-    """`LightningDiT` constructor kwargs from `config.model` (dtype string -> jnp dtype)."""
+    """`LightningDiT` constructor kwargs from `config.model` (dtype string -> jnp dtype;
+    `attention_impl` '' -> None, the per-backend choice)."""
     kwargs = config.model.to_dict()
     kwargs.pop("variant")
     kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+    attention = kwargs.get("attention_impl") or ""
+    if attention not in ATTENTION_IMPLS:
+        from launch.cli import UserError
+
+        raise UserError(f"config.model.attention_impl {attention!r}: expected one of "
+                        f"{', '.join(repr(a) for a in ATTENTION_IMPLS)}")
+    kwargs["attention_impl"] = attention or None
     return kwargs
 
 
 def dit_architecture(config: ml_collections.ConfigDict) -> dict:
     """Only the kwargs that shape the parameters (what the PyTorch converters need)."""
     kwargs = dit_kwargs(config)
-    for runtime_only in ("dtype", "remat"):
+    for runtime_only in ("dtype", "remat", "attention_impl"):
         kwargs.pop(runtime_only)
     return kwargs
 
