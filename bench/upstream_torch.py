@@ -1,5 +1,6 @@
-"""Upstream's LightningDiT step, guided call or whole guided sample on CPU, in float32 or under
-torch's bf16 autocast (what Accelerate's bf16 mode does), optionally with train.py's EMA update.
+"""Upstream's LightningDiT step, guided call or whole guided sample on CPU (or a CUDA GPU), in
+float32 or under torch's bf16 autocast (what Accelerate's bf16 mode does), optionally with
+train.py's EMA update.
 
 Run with the reference environment's python, not ours (`bench.compare --dtype bfloat16` does):
 
@@ -9,6 +10,8 @@ Run with the reference environment's python, not ours (`bench.compare --dtype bf
         --ema --steps 2                      # memory: peak_rss_gib, as bench.train_step
     /tmp/refenv/bin/python bench/upstream_torch.py --what sample_run_b1 --dtype float32 \
         --num_steps 50 --repeats 1           # inference.py's Euler sampling of 4 images
+    python3 bench/upstream_torch.py --device cuda --what train --variant XL/1 --batch 64 \
+        --ema --compile                      # a GPU: peak_memory_gb from torch.cuda
 
 The same upstream objects as ``../shared/upstream/bench_cpu.py`` (LightningDiT with the
 released flags on 16x16x32 latents; the transport's training loss + backward + AdamW; one
@@ -18,7 +21,9 @@ guided ``forward_with_cfg`` call; `sample_run*` one whole sample as inference.py
 `--warmup` counting guided calls, not samples), 2 threads; bf16 puts ``torch.autocast('cpu',
 torch.bfloat16)`` around the forward (master weights float32), and `--ema` adds train.py's
 ``update_ema`` (decay 0.9999) on a float32 copy of the model, which our step always does.
-Prints one JSON object as its last line, with the process's peak RSS in GiB.
+Prints one JSON object as its last line, with the process's peak RSS in GiB (and on a GPU the
+CUDA allocator's peak, `peak_memory_gb`, 10^9 bytes as bench.train_step); GPU calls are timed
+to their end (synchronised).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="keep upstream's @torch.compile decorators active")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--num_steps", type=int, default=50,
                         help="sample_run: grid points of the Euler sample (upstream's 250)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -76,12 +82,16 @@ def main() -> None:
     from models.lightningdit import LightningDiT_models
     from transport import create_transport
 
+    device = torch.device(args.device)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this torch sees no CUDA GPU")
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     torch.manual_seed(0)
     flags = dict(use_qknorm=False, use_swiglu=True, use_rope=True, use_rmsnorm=True,
                  wo_shift=False, in_channels=32, num_classes=1000, input_size=16)
     variant = "B/1" if args.what.endswith("_b1") else args.variant
-    model = LightningDiT_models[f"LightningDiT-{variant}"](**flags)
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16,  # noqa: E731
+    model = LightningDiT_models[f"LightningDiT-{variant}"](**flags).to(device)
+    autocast = lambda: torch.autocast(args.device, dtype=torch.bfloat16,  # noqa: E731
                                       enabled=args.dtype == "bfloat16")
     b = args.batch
 
@@ -91,7 +101,8 @@ def main() -> None:
                                      use_cosine_loss=True, use_lognorm=True)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0,
                                 betas=(0.9, 0.95))
-        x, y = torch.randn(b, 32, 16, 16), torch.randint(0, 1000, (b,))
+        x = torch.randn(b, 32, 16, 16, device=device)
+        y = torch.randint(0, 1000, (b,), device=device)
         ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
 
         def call():
@@ -110,10 +121,11 @@ def main() -> None:
     else:
         model.eval()
         n = b // 2
-        z = torch.randn(n, 32, 16, 16)
+        z = torch.randn(n, 32, 16, 16, device=device)
         x = torch.cat([z, z])
-        y = torch.cat([torch.randint(0, 1000, (n,)), torch.full((n,), 1000)])
-        t = torch.full((b,), 0.5)
+        y = torch.cat([torch.randint(0, 1000, (n,), device=device),
+                       torch.full((n,), 1000, device=device)])
+        t = torch.full((b,), 0.5, device=device)
         guidance = dict(cfg_scale=6.7, cfg_interval=True, cfg_interval_start=0.125)
 
         def guided_call():
@@ -135,14 +147,18 @@ def main() -> None:
 
             call = sample_call  # warmed up (compiled) on single guided calls, not samples
 
-    result = timed(call, warmup_call, args.warmup, args.repeats)
+    synced = lambda fn: lambda: (fn(), sync())  # noqa: E731
+    result = timed(synced(call), synced(warmup_call), args.warmup, args.repeats)
     if args.what.startswith("sample_run"):
         result.update(num_steps=args.num_steps, images=b // 2)
     result.update(what=args.what, variant=variant, batch=b, ema=args.ema,
                   dtype="bfloat16 autocast" if args.dtype == "bfloat16" else "float32",
                   compile=args.compile, torch=torch.__version__,
                   threads=torch.get_num_threads(),
+                  device=(torch.cuda.get_device_name() if args.device == "cuda" else "cpu"),
                   peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    if args.device == "cuda":
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     print(json.dumps(result))
 
 
