@@ -2,6 +2,7 @@
 prints one JSON object as its last line; the explicit FLOP count matches the paper's figure and
 XLA's cost analysis. No timing assertions."""
 
+import argparse
 import json
 import sys
 import textwrap
@@ -325,3 +326,95 @@ def test_collectives_counts_and_equal_losses():
     assert [r["loss"] for r in rows[1:]] == pytest.approx([rows[0]["loss"]] * 2, rel=1e-5)
     assert "all-reduce" in rows[1]["collectives"]  # data parallel: gradients all-reduced
     assert "all-gather" in rows[2]["collectives"]  # fsdp: parameters all-gathered
+
+
+def test_attention_option_reaches_the_model_and_keeps_values():
+    from bench import common
+    from launch import build
+    from launch.cli import UserError
+
+    config = train_step.dit_config("tiny", "float32")
+    config.model.attention_impl = "xla"
+    model = build.dit_model(config)
+    assert model.attention_impl == "xla"
+    assert "attention_impl" not in build.dit_architecture(config)  # runtime only
+    s, c = model.input_size, model.in_channels
+    x, t = jax.random.normal(jax.random.key(0), (2, s, s, c)), jnp.full((2,), 0.3)
+    y = jnp.array([1, 2])
+    params = model.init(jax.random.key(1), x, t, y)
+    outputs, programs = {}, {}
+    for impl in ("explicit", "xla"):
+        m = model.clone(attention_impl=impl)
+        forward = jax.jit(lambda p, m=m: m.apply(p, x, t, y))
+        programs[impl] = forward.lower(params).as_text()
+        outputs[impl] = forward(params)
+    assert programs["explicit"] != programs["xla"]
+    assert jnp.allclose(outputs["explicit"], outputs["xla"], rtol=1e-5, atol=1e-5)
+
+    config.model.attention_impl = "flash"
+    with pytest.raises(UserError, match="attention_impl 'flash'"):
+        build.dit_kwargs(config)
+    with pytest.raises(SystemExit, match="cudnn needs a CUDA GPU"):
+        common.check_attention("cudnn")
+
+
+def test_suite_runs_each_part_as_a_process(capsys, tmp_path):
+    from bench import suite
+
+    suite.main(["--tiny", "--out", str(tmp_path), "--only", "train,sample", "--batches", "2",
+                "--steps", "1", "--warmup", "0"])
+    r = last_json(capsys)
+    assert r["runs"] == {"ok": 2, "failed": 0, "timeout": 0, "skipped": 0}
+    assert r["train"]["batch"] == 2 and r["train"]["images_per_s"] > 0
+    assert r["train"]["memory_gb_per_image"] == pytest.approx(r["train"]["peak_memory_gb"] / 2)
+    assert r["sample"]["num_steps"] == 5 and r["sample"]["call_s"] > 0
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [rec["part"] for rec in records] == ["train", "sample"]
+    assert records[0]["result"]["variant"] == "tiny"
+    table = (tmp_path / "summary.md").read_text()
+    assert "| train | tiny bfloat16 batch 2 | ok |" in table and "img/s" in table
+
+
+def test_suite_ladder_remat_upstream_and_budget(tmp_path, monkeypatch):
+    """Orchestration alone (each run stubbed): batches until the first failure, that batch
+    again with --remat, the attention and upstream runs at the largest batch that fitted,
+    runs skipped once the budget is spent."""
+    from bench import suite
+
+    calls = []
+    result = {"step_s": 1.0, "images_per_s": 32.0, "tflops_per_s": 10.0, "mfu": 0.5,
+              "peak_memory_gb": 64.0, "median_s": 0.5, "call_s": 0.1, "calls_per_s": 10.0,
+              "call_tflops_per_s": 1.0}
+
+    def fake_run(self, part, argv, label):
+        calls.append((part, argv))
+        record = {"part": part, "label": label, "argv": argv}
+        batch = int(argv[argv.index("--batch") + 1]) if "--batch" in argv else 0
+        if part == "train" and "--remat" not in argv and batch >= 64:
+            record.update(status="failed", error="RESOURCE_EXHAUSTED: out of memory")
+        elif part == "vae":
+            record.update(status="skipped", reason="0 s of budget left")
+        else:
+            record.update(status="ok", result=result)
+        return self._keep(record).get("result")
+
+    monkeypatch.setattr(suite.Suite, "run", fake_run)
+    args = argparse.Namespace(
+        out=str(tmp_path), only="", variant="XL/1", dtype="bfloat16", batches=[32, 64, 128],
+        steps=5, warmup=2, budget_s=100.0, per_run_s=50.0, min_run_s=5.0,
+        upstream_python="python3", upstream_dir="/up", upstream_shared="", tiny=False)
+    summary = suite.run_parts(args)
+    trains = [argv for part, argv in calls if part == "train"]
+    assert [a[a.index("--batch") + 1] for a in trains] == ["32", "64", "64"]
+    assert "--remat" in trains[-1]
+    assert summary["train"]["batch"] == 32 and summary["remat"]["batch"] == 64
+    assert summary["train"]["memory_gb_per_image"] == 2.0
+    attention = [argv[argv.index("--attention") + 1] for part, argv in calls
+                 if part == "attention"]
+    assert attention == ["xla", "cudnn"]
+    upstream = [argv for part, argv in calls if part == "upstream"]
+    assert len(upstream) == 4 and all("--device" in a and "cuda" in a for a in upstream)
+    assert upstream[0][upstream[0].index("--batch") + 1] == "32"
+    assert sum("--compile" in a for a in upstream) == 2
+    assert summary["runs"]["skipped"] == 2 and summary["runs"]["failed"] == 1
+    assert "RESOURCE_EXHAUSTED" in (tmp_path / "summary.md").read_text()
