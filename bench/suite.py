@@ -25,7 +25,8 @@ batch that runs out of memory ends only its own run, and each run's peak memory 
 JAX may take 95% of a GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set). Writes
 OUT/results.jsonl (one line per run: part, its arguments, return code, seconds, and the
 run's JSON result or the last lines of its error) and OUT/summary.md (one table), and prints the
-summary as its last line (one JSON object). `--tiny` swaps in the CPU-sized models and short
+summary as its last line (one JSON object); an OUT holding an earlier suite's results is
+refused unless --overwrite. `--tiny` swaps in the CPU-sized models and short
 runs, for a check that every part works.
 """
 
@@ -127,7 +128,11 @@ def python_m(module: str, *args) -> list[str]:
 def run_parts(args) -> dict:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.jsonl").unlink(missing_ok=True)
+    if (out / "results.jsonl").exists():
+        if not args.overwrite:
+            raise SystemExit(f"{out / 'results.jsonl'} exists (an earlier suite's results): "
+                             f"pass another --out, or --overwrite to replace them")
+        (out / "results.jsonl").unlink()
     suite = Suite(out, args.budget_s, args.per_run_s, args.min_run_s)
     tiny = args.tiny
     dit = "tiny" if tiny else args.variant
@@ -293,6 +298,8 @@ def main(argv=None):
     parser.add_argument("--upstream_shared", default="",
                         help="the shared upstream tools' folder (its _common.py), if not "
                              "../shared/upstream")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier suite in --out")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU-sized models and short runs (a smoke test of every part)")
     args = parser.parse_args(argv)

@@ -402,7 +402,8 @@ def test_suite_ladder_remat_upstream_and_budget(tmp_path, monkeypatch):
     args = argparse.Namespace(
         out=str(tmp_path), only="", variant="XL/1", dtype="bfloat16", batches=[32, 64, 128],
         steps=5, warmup=2, budget_s=100.0, per_run_s=50.0, min_run_s=5.0,
-        upstream_python="python3", upstream_dir="/up", upstream_shared="", tiny=False)
+        upstream_python="python3", upstream_dir="/up", upstream_shared="", tiny=False,
+        overwrite=False)
     summary = suite.run_parts(args)
     trains = [argv for part, argv in calls if part == "train"]
     assert [a[a.index("--batch") + 1] for a in trains] == ["32", "64", "64"]
@@ -418,3 +419,9 @@ def test_suite_ladder_remat_upstream_and_budget(tmp_path, monkeypatch):
     assert sum("--compile" in a for a in upstream) == 2
     assert summary["runs"]["skipped"] == 2 and summary["runs"]["failed"] == 1
     assert "RESOURCE_EXHAUSTED" in (tmp_path / "summary.md").read_text()
+
+    # a second suite into the same folder keeps the first one's results unless told
+    with pytest.raises(SystemExit, match="results.jsonl exists"):
+        suite.run_parts(args)
+    args.overwrite = True
+    assert suite.run_parts(args)["runs"] == summary["runs"]
