@@ -62,7 +62,7 @@ class Suite:
         timeout = min(self.per_run_s, self.left_s())
         if timeout < self.min_run_s:
             record.update(status="skipped", reason=f"{self.left_s():.0f} s of budget left")
-            return self._keep(record)
+            return self._keep(record).get("result")
         start = time.monotonic()
         try:
             proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
@@ -72,7 +72,7 @@ class Suite:
             record.update(status="timeout", seconds=time.monotonic() - start,
                           tail=tail.decode(errors="replace") if isinstance(tail, bytes)
                           else tail)
-            return self._keep(record)
+            return self._keep(record).get("result")
         record.update(rc=proc.returncode, seconds=time.monotonic() - start)
         result = _last_json(proc.stdout) if proc.returncode == 0 else None
         if result is None:

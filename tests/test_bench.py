@@ -425,3 +425,19 @@ def test_suite_ladder_remat_upstream_and_budget(tmp_path, monkeypatch):
         suite.run_parts(args)
     args.overwrite = True
     assert suite.run_parts(args)["runs"] == summary["runs"]
+
+
+def test_suite_run_records_ok_failed_timeout_and_skipped(tmp_path):
+    from bench import suite
+
+    runner = suite.Suite(tmp_path, budget_s=30.0, per_run_s=2.0, min_run_s=0.2)
+    python = lambda code: [sys.executable, "-c", code]  # noqa: E731
+    assert runner.run("a", python("print('text'); print('{\"x\": 1}')"), "ok") == {"x": 1}
+    oom = "import sys; print('RESOURCE_EXHAUSTED: Out of memory', file=sys.stderr); sys.exit(1)"
+    assert runner.run("a", python(oom), "fails") is None
+    assert runner.run("a", python("import time; time.sleep(30)"), "hangs") is None
+    runner.deadline = 0.0  # the budget is spent
+    assert runner.run("a", python("print('{}')"), "too late") is None
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ok", "failed", "timeout", "skipped"]
+    assert records[1]["error"] == "RESOURCE_EXHAUSTED: Out of memory"
