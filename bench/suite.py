@@ -189,7 +189,8 @@ def run_parts(args) -> dict:
 
     # -- upstream on the same device ------------------------------------------------------------
     if "upstream" in parts and args.upstream_python and not tiny:
-        upstream = [args.upstream_python, "bench/upstream_torch.py", "--device", "cuda",
+        upstream = [args.upstream_python, "bench/upstream_torch.py", "--device",
+                    args.upstream_device,
                     "--variant", args.variant.removeprefix("LightningDiT-"),
                     "--upstream_dir", args.upstream_dir, "--dtype", args.dtype,
                     "--warmup", args.warmup, "--repeats", args.steps]
@@ -295,6 +296,8 @@ def main(argv=None):
     parser.add_argument("--upstream_dir", default=os.environ.get("UPSTREAM_DIR",
                                                                  "/tmp/upstream"),
                         help="a work tree of hustvl/LightningDiT")
+    parser.add_argument("--upstream_device", default="cuda", choices=("cuda", "cpu"),
+                        help="where upstream runs (cpu: to check the upstream runs here)")
     parser.add_argument("--upstream_shared", default="",
                         help="the shared upstream tools' folder (its _common.py), if not "
                              "../shared/upstream")

@@ -402,7 +402,8 @@ def test_suite_ladder_remat_upstream_and_budget(tmp_path, monkeypatch):
     args = argparse.Namespace(
         out=str(tmp_path), only="", variant="XL/1", dtype="bfloat16", batches=[32, 64, 128],
         steps=5, warmup=2, budget_s=100.0, per_run_s=50.0, min_run_s=5.0,
-        upstream_python="python3", upstream_dir="/up", upstream_shared="", tiny=False,
+        upstream_python="python3", upstream_dir="/up", upstream_shared="",
+        upstream_device="cuda", tiny=False,
         overwrite=False)
     summary = suite.run_parts(args)
     trains = [argv for part, argv in calls if part == "train"]
