@@ -64,11 +64,10 @@ def common_args(parser, *, steps: int = 5, warmup: int = 2) -> None:
                              "launch commands do (launch.host_memory); --no-huge_pages: not")
 
 
-ATTENTION = ("", "explicit", "xla", "cudnn")
-
-
 def attention_arg(parser) -> None:
-    parser.add_argument("--attention", default="", choices=ATTENTION,
+    from launch.build import ATTENTION_IMPLS
+
+    parser.add_argument("--attention", default="", choices=ATTENTION_IMPLS,
                         help="LightningDiT's attention (config.model.attention_impl): '' the "
                              "backend's default (explicit core on CPU, jax.nn elsewhere), "
                              "'explicit', 'xla' (jax.nn's XLA path) or 'cudnn' (flash "
@@ -76,9 +75,8 @@ def attention_arg(parser) -> None:
 
 
 def check_attention(name: str) -> str:
-    """`name` if this backend can run it; a readable exit otherwise (cuDNN off a GPU)."""
-    if name not in ATTENTION:
-        raise SystemExit(f"--attention {name!r}: one of {', '.join(map(repr, ATTENTION))}")
+    """`name` if this backend can run it; a readable exit for cuDNN off a GPU (other values
+    are checked by `launch.build.dit_kwargs`)."""
     if name == "cudnn" and jax.default_backend() != "gpu":
         raise SystemExit(f"--attention cudnn needs a CUDA GPU; this backend is "
                          f"{jax.default_backend()}")

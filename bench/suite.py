@@ -143,22 +143,22 @@ def run_parts(args) -> dict:
         raise SystemExit(f"--only {','.join(unknown)}: parts are {', '.join(PARTS)}")
     summary: dict = {"bench": "suite", "parts": parts, "tiny": tiny}
 
+    def dit_step(batch: int, *extra) -> list[str]:
+        return python_m("bench.train_step", "--variant", dit, "--batch", batch, "--dtype",
+                        args.dtype, *extra, *timing)
+
     # -- train: the largest batch that fits, then remat ----------------------------------------
     fitted = None  # (batch, result) of the largest batch that ran
     if "train" in parts or "attention" in parts or "upstream" in parts:
         failed_batch = None
         for batch in args.batches:
-            r = suite.run("train", python_m("bench.train_step", "--variant", dit, "--batch",
-                                            batch, "--dtype", args.dtype, *timing),
-                          f"{dit} {args.dtype} batch {batch}")
+            r = suite.run("train", dit_step(batch), f"{dit} {args.dtype} batch {batch}")
             if r is None:
                 failed_batch = batch
                 break
             fitted = (batch, r)
         if failed_batch is not None:
-            r = suite.run("train", python_m("bench.train_step", "--variant", dit, "--batch",
-                                            failed_batch, "--dtype", args.dtype, "--remat",
-                                            *timing),
+            r = suite.run("train", dit_step(failed_batch, "--remat"),
                           f"{dit} {args.dtype} batch {failed_batch} remat")
             if r is not None:
                 summary["remat"] = _train_summary(failed_batch, r)
@@ -170,9 +170,7 @@ def run_parts(args) -> dict:
         implementations = ["explicit", "xla"] if tiny else ["xla", "cudnn"]
         summary["attention"] = {}
         for impl in implementations:
-            r = suite.run("attention", python_m("bench.train_step", "--variant", dit, "--batch",
-                                                fitted[0], "--dtype", args.dtype,
-                                                "--attention", impl, *timing),
+            r = suite.run("attention", dit_step(fitted[0], "--attention", impl),
                           f"{dit} {args.dtype} batch {fitted[0]} attention {impl}")
             if r is not None:
                 summary["attention"][impl] = _train_summary(fitted[0], r)
@@ -196,20 +194,20 @@ def run_parts(args) -> dict:
                     "--warmup", args.warmup, "--repeats", args.steps]
         if args.upstream_shared:
             upstream += ["--shared", args.upstream_shared]
-        upstream = list(map(str, upstream))
         batch = fitted[0] if fitted else args.batches[0]
         summary["upstream"] = {}
         for mode in ("eager", "compile"):
             extra = ["--compile"] if mode == "compile" else []
-            r = suite.run("upstream", [*upstream, "--what", "train", "--batch", str(batch),
-                                       "--ema", *extra],
+            r = suite.run("upstream", list(map(str, [*upstream, "--what", "train", "--batch",
+                                                     batch, "--ema", *extra])),
                           f"upstream {args.variant} train batch {batch} {mode}")
             if r is not None:
                 summary["upstream"][f"train_{mode}"] = {
                     "batch": batch, "step_s": r["median_s"],
                     "images_per_s": batch / r["median_s"],
                     "peak_memory_gb": r.get("peak_memory_gb")}
-            r = suite.run("upstream", [*upstream, "--what", "sample", "--batch", "8", *extra],
+            r = suite.run("upstream", list(map(str, [*upstream, "--what", "sample", "--batch", 8,
+                                                     *extra])),
                           f"upstream {args.variant} guided call batch 8 {mode}")
             if r is not None:
                 summary["upstream"][f"call_{mode}"] = {"call_s": r["median_s"]}
