@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.argtypes import nonnegative_int, positive_int
 from launch import host_memory, xla_cpu
 
 GB = 1e9  # peak_memory_gb is in 10^9 bytes
@@ -53,8 +54,10 @@ def common_args(parser, *, steps: int = 5, warmup: int = 2) -> None:
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="compute dtype (bench.compare: train_b1 / sample_b1 on both sides; "
                              "the VA-VAE stays float32)")
-    parser.add_argument("--steps", type=int, default=steps, help="timed calls (median taken)")
-    parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls first")
+    parser.add_argument("--steps", type=positive_int, default=steps,
+                        help="timed calls (median taken)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=warmup,
+                        help="untimed calls first")
     parser.add_argument("--xla_flags", default="",
                         help="extra XLA_FLAGS for experiments, e.g. '--xla_cpu_use_onednn=true'")
     parser.add_argument("--xla_cpu_flags", action=argparse.BooleanOptionalAction, default=True,

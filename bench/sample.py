@@ -46,8 +46,12 @@ def sampling_options(num_steps: int) -> dict:
 
 def run(variant: str = "B/1", batch: int = 8, dtype: str = "float32", steps: int = 5,
         warmup: int = 2, num_steps: int = 250, attention: str = "") -> dict:
-    if batch % 2:
-        raise SystemExit(f"--batch {batch}: must be even (conditional + unconditional halves)")
+    if batch < 2 or batch % 2:
+        raise SystemExit(f"--batch {batch}: must be even and at least 2 (conditional + "
+                         f"unconditional halves)")
+    if num_steps == 1 or num_steps < 0:
+        raise SystemExit(f"--num_steps {num_steps}: at least 2 grid points (0 skips the whole "
+                         f"sample)")
     config = dit_config(variant, dtype)
     config.model.attention_impl = common.check_attention(attention)
     model = build.dit_model(config)
@@ -119,9 +123,9 @@ def report(r: dict) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="B/1", help="B/1, XL/1, LightningDiT-L/2, tiny")
-    parser.add_argument("--batch", type=int, default=8,
+    parser.add_argument("--batch", type=common.positive_int, default=8,
                         help="rows per model call: half conditional, half unconditional")
-    parser.add_argument("--num_steps", type=int, default=250,
+    parser.add_argument("--num_steps", type=common.nonnegative_int, default=250,
                         help="grid points of the whole-sample timing (upstream's 250; 0: skip it)")
     common.attention_arg(parser)
     common.common_args(parser)

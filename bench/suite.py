@@ -12,8 +12,9 @@ batch that runs out of memory ends only its own run, and each run's peak memory 
   train      LightningDiT-XL/1 bfloat16 training step (the loop's jitted, donating step) at each
              batch of `--batches` until one fails; then the first failing batch with --remat.
              MFU against the chip's dense bf16 peak, peak memory and memory per image.
-  attention  the largest batch that fitted, with --attention xla and --attention cudnn (flash
-             attention through jax.nn.dot_product_attention; GPU only).
+  attention  the largest batch that fitted, with --attention cudnn (flash attention through
+             jax.nn.dot_product_attention; GPU only), beside the default run of `train`
+             (jax.nn's own choice, XLA's path in jax 0.10-0.11).
   sample     the guided XL/1 call (batch 8 = 4 + 4) and a whole 250-point Euler sample, bf16.
   upstream   with --upstream_python and --upstream_dir: upstream's XL/1 step (bf16 autocast,
              train.py's EMA) at the largest batch that fitted ours, and its guided call, by
@@ -36,9 +37,12 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
+
+from bench.argtypes import nonnegative_int, positive_int
 
 PARTS = ("train", "attention", "sample", "upstream", "vae", "vavae")
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -58,20 +62,17 @@ class Suite:
     def run(self, part: str, argv: list[str], label: str) -> dict | None:
         """Runs `argv`; returns its last-line JSON, or None if it failed, timed out or was
         skipped for lack of time (each case recorded)."""
-        record = {"part": part, "label": label, "argv": argv}
         timeout = min(self.per_run_s, self.left_s())
         if timeout < self.min_run_s:
-            record.update(status="skipped", reason=f"{self.left_s():.0f} s of budget left")
-            return self._keep(record).get("result")
+            return self.skip(part, argv, label, f"{self.left_s():.0f} s of budget left")
+        record = {"part": part, "label": label, "argv": argv}
         start = time.monotonic()
         try:
             proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True,
                                   timeout=timeout, env=run_env())
         except subprocess.TimeoutExpired as e:
-            tail = (e.stdout or b"")[-2000:]
             record.update(status="timeout", seconds=time.monotonic() - start,
-                          tail=tail.decode(errors="replace") if isinstance(tail, bytes)
-                          else tail)
+                          tail=_text(e.stdout)[-2000:], stderr_tail=_text(e.stderr)[-2000:])
             return self._keep(record).get("result")
         record.update(rc=proc.returncode, seconds=time.monotonic() - start)
         result = _last_json(proc.stdout) if proc.returncode == 0 else None
@@ -82,6 +83,11 @@ class Suite:
         else:
             record.update(status="ok", result=result)
         return self._keep(record).get("result")
+
+    def skip(self, part: str, argv: list[str], label: str, reason: str) -> None:
+        """Records a run that is not started."""
+        self._keep({"part": part, "label": label, "argv": argv, "status": "skipped",
+                    "reason": reason})
 
     def _keep(self, record: dict) -> dict:
         self.records.append(record)
@@ -103,12 +109,33 @@ def _last_json(stdout: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+def _text(output) -> str:
+    """A timed-out run's captured output (bytes, str or None) as text."""
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
+
+
+# Python's "SomeError: ..." / "jaxlib...XlaRuntimeError: ..." line that ends a traceback
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b(:|$)")
+# what JAX prints after the exception when it filters its frames out of a traceback
+_JAX_FOOTER = ("For simplicity, JAX has removed", "The stack trace below excludes",
+               "-----")
+
+
 def _error_line(lines: list[str]) -> str:
-    """The most telling line of a failed run (an out-of-memory error if there is one)."""
+    """The most telling line of a failed run: an out-of-memory error if there is one, else
+    the exception line of its traceback, else its last line that is not JAX's footer."""
     for line in reversed(lines):
         if "RESOURCE_EXHAUSTED" in line or "out of memory" in line.lower():
             return line.strip()[:300]
-    return (lines[-1].strip()[:300] if lines else "no output")
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line.strip()):
+            return line.strip()[:300]
+    for line in reversed(lines):
+        if line.strip() and not line.strip().startswith(_JAX_FOOTER):
+            return line.strip()[:300]
+    return "no output"
 
 
 def run_env() -> dict:
@@ -126,21 +153,22 @@ def python_m(module: str, *args) -> list[str]:
 
 
 def run_parts(args) -> dict:
+    # every argument is checked before anything in --out is created or replaced
+    parts = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else list(PARTS)
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise SystemExit(f"--only {args.only!r}: parts are {', '.join(PARTS)}")
     out = pathlib.Path(args.out)
+    if (out / "results.jsonl").exists() and not args.overwrite:
+        raise SystemExit(f"{out / 'results.jsonl'} exists (an earlier suite's results): "
+                         f"pass another --out, or --overwrite to replace them")
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "results.jsonl").exists():
-        if not args.overwrite:
-            raise SystemExit(f"{out / 'results.jsonl'} exists (an earlier suite's results): "
-                             f"pass another --out, or --overwrite to replace them")
-        (out / "results.jsonl").unlink()
+    (out / "results.jsonl").unlink(missing_ok=True)
     suite = Suite(out, args.budget_s, args.per_run_s, args.min_run_s)
     tiny = args.tiny
     dit = "tiny" if tiny else args.variant
     timing = ["--steps", args.steps, "--warmup", args.warmup]
-    parts = [p.strip() for p in args.only.split(",")] if args.only else list(PARTS)
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        raise SystemExit(f"--only {','.join(unknown)}: parts are {', '.join(PARTS)}")
+    run_upstream = "upstream" in parts and args.upstream_python and not tiny
     summary: dict = {"bench": "suite", "parts": parts, "tiny": tiny}
 
     def dit_step(batch: int, *extra) -> list[str]:
@@ -149,7 +177,7 @@ def run_parts(args) -> dict:
 
     # -- train: the largest batch that fits, then remat ----------------------------------------
     fitted = None  # (batch, result) of the largest batch that ran
-    if "train" in parts or "attention" in parts or "upstream" in parts:
+    if "train" in parts or "attention" in parts or run_upstream:
         failed_batch = None
         for batch in args.batches:
             r = suite.run("train", dit_step(batch), f"{dit} {args.dtype} batch {batch}")
@@ -165,10 +193,11 @@ def run_parts(args) -> dict:
         if fitted:
             summary["train"] = _train_summary(*fitted)
 
-    # -- attention implementations at that batch ----------------------------------------------
+    # -- attention implementations at that batch, beside the default the ladder ran ----------
     if "attention" in parts and fitted:
-        implementations = ["explicit", "xla"] if tiny else ["xla", "cudnn"]
-        summary["attention"] = {}
+        # off a CPU the default is jax.nn's own choice (XLA's path in jax 0.10-0.11)
+        implementations = ["explicit", "xla"] if tiny else ["cudnn"]
+        summary["attention"] = {"default": summary["train"]}
         for impl in implementations:
             r = suite.run("attention", dit_step(fitted[0], "--attention", impl),
                           f"{dit} {args.dtype} batch {fitted[0]} attention {impl}")
@@ -186,7 +215,11 @@ def run_parts(args) -> dict:
                 "call_s", "calls_per_s", "call_tflops_per_s", "sample_s", "num_steps")}
 
     # -- upstream on the same device ------------------------------------------------------------
-    if "upstream" in parts and args.upstream_python and not tiny:
+    if "upstream" in parts and not run_upstream:
+        suite.skip("upstream", [], "upstream runs",
+                   "--tiny" if tiny else "no --upstream_python (an interpreter with CUDA "
+                   "PyTorch and upstream's dependencies)")
+    if run_upstream:
         upstream = [args.upstream_python, "bench/upstream_torch.py", "--device",
                     args.upstream_device,
                     "--variant", args.variant.removeprefix("LightningDiT-"),
@@ -274,16 +307,25 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def batch_list(text: str) -> list[int]:
+    """argparse type of --batches: '32,64,128' -> [32, 64, 128], each at least 1."""
+    batches = [positive_int(b.strip()) for b in text.split(",") if b.strip()]
+    if not batches:
+        raise argparse.ArgumentTypeError(f"{text!r}: no batch (e.g. 32,64,128)")
+    return batches
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for results.jsonl and summary.md")
     parser.add_argument("--only", default="", help=f"comma-separated parts of {PARTS}")
     parser.add_argument("--variant", default="XL/1", help="LightningDiT variant")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    parser.add_argument("--batches", default="32,64,128",
+    parser.add_argument("--batches", type=batch_list, default="32,64,128",
                         help="training batches tried in order until one fails")
-    parser.add_argument("--steps", type=int, default=5, help="timed calls per run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per run")
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed calls per run")
+    parser.add_argument("--warmup", type=nonnegative_int, default=2,
+                        help="untimed calls per run")
     parser.add_argument("--budget_s", type=float, default=480.0,
                         help="wall-clock seconds for the whole suite")
     parser.add_argument("--per_run_s", type=float, default=240.0, help="limit per run")
@@ -304,7 +346,6 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true",
                         help="CPU-sized models and short runs (a smoke test of every part)")
     args = parser.parse_args(argv)
-    args.batches = [int(b) for b in args.batches.split(",") if b]
     if args.tiny:
         args.batches = [b for b in args.batches if b <= 8] or [2, 4]
         args.min_run_s = min(args.min_run_s, 5.0)

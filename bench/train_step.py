@@ -62,7 +62,13 @@ def dit_config(variant: str, dtype: str):
 
 
 def vavae_config(variant: str, dtype: str):
-    config = vavae_configs.get_config(VAVAE_VARIANTS.get(variant, variant))
+    """configs/vavae.py's `variant` ('f16d32' = long_stage3, 'tiny', or a config name) on
+    random frozen weights."""
+    try:
+        config = vavae_configs.get_config(VAVAE_VARIANTS.get(variant, variant))
+    except ValueError as error:
+        raise SystemExit(f"VA-VAE --variant {variant!r}: f16d32 (= long_stage3) or a "
+                         f"configs/vavae.py variant; {error}") from None
     config.model.dtype = dtype
     config.random_weights_ok = True  # frozen DINOv2 / LPIPS on random weights
     return config
@@ -103,7 +109,9 @@ def compiled_step(model: str = "lightningdit", variant: str = "B/1", batch: int 
     inputs: a dict of config, adapter, batch, compiled, compile_s, state, data, rng, frozen.
     `attention`: LightningDiT's config.model.attention_impl ('' = the backend's default)."""
     common.jnp_dtype(dtype)
-    batch = batch or DEFAULT_BATCH[model]
+    batch = DEFAULT_BATCH.get(model, 1) if batch is None else batch
+    if batch < 1:
+        raise SystemExit(f"--batch {batch}: must be at least 1")
     if model == "lightningdit":
         config = dit_config(variant, dtype)
         config.model.remat = remat
@@ -216,9 +224,9 @@ def main(argv=None):
                         help="lightningdit: B/1, XL/1, LightningDiT-L/2, ... or tiny "
                              "(default B/1); vavae: f16d32 (configs/vavae.py:long_stage3), any "
                              "configs/vavae.py variant, or tiny")
-    parser.add_argument("--batch", type=int, default=None,
+    parser.add_argument("--batch", type=common.positive_int, default=None,
                         help="per step (default: lightningdit 8, vavae 1)")
-    parser.add_argument("--peak_matmul_n", type=int, default=2048,
+    parser.add_argument("--peak_matmul_n", type=common.positive_int, default=2048,
                         help="CPU: size of the matmul (in --dtype) whose best speed is the peak")
     parser.add_argument("--remat", action="store_true",
                         help="lightningdit: rematerialise each block in the backward")

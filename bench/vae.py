@@ -25,10 +25,13 @@ from launch import build
 
 def run(variant: str = "f16d32", size: int = 256, batch: int = 1, dtype: str = "float32",
         steps: int = 5, warmup: int = 2) -> dict:
+    if batch < 1:
+        raise SystemExit(f"--batch {batch}: must be at least 1")
     config = vavae_config(variant, dtype)
     ae = build.autoencoder(config, dtype=jnp.dtype(dtype))
-    if size % ae.downsample_factor:
-        raise SystemExit(f"--size {size}: must be a multiple of {ae.downsample_factor}")
+    if size < 1 or size % ae.downsample_factor:
+        raise SystemExit(f"--size {size}: must be a positive multiple of "
+                         f"{ae.downsample_factor}")
     x = jnp.tanh(jax.random.normal(jax.random.key(1), (batch, size, size, 3)))
     params = common.random_params(jax.eval_shape(
         lambda r: nn.meta.unbox(ae.init({"params": r, "sample": r}, x[:1])["params"]),
@@ -74,8 +77,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="f16d32",
                         help="f16d32, any configs/vavae.py variant, or tiny")
-    parser.add_argument("--size", type=int, default=256, help="image height = width")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--size", type=common.positive_int, default=256,
+                        help="image height = width")
+    parser.add_argument("--batch", type=common.positive_int, default=1)
     common.common_args(parser)
     args = parser.parse_args(argv)
     common.start(args)

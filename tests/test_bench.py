@@ -413,7 +413,8 @@ def test_suite_ladder_remat_upstream_and_budget(tmp_path, monkeypatch):
     assert summary["train"]["memory_gb_per_image"] == 2.0
     attention = [argv[argv.index("--attention") + 1] for part, argv in calls
                  if part == "attention"]
-    assert attention == ["xla", "cudnn"]
+    assert attention == ["cudnn"]  # the ladder's run is the default (jax.nn's XLA path)
+    assert summary["attention"]["default"] == summary["train"]
     upstream = [argv for part, argv in calls if part == "upstream"]
     assert len(upstream) == 4 and all("--device" in a and "cuda" in a for a in upstream)
     assert upstream[0][upstream[0].index("--batch") + 1] == "32"
@@ -421,11 +422,24 @@ def test_suite_ladder_remat_upstream_and_budget(tmp_path, monkeypatch):
     assert summary["runs"]["skipped"] == 2 and summary["runs"]["failed"] == 1
     assert "RESOURCE_EXHAUSTED" in (tmp_path / "summary.md").read_text()
 
-    # a second suite into the same folder keeps the first one's results unless told
+    # a second suite into the same folder keeps the first one's results unless told, and
+    # a mistake in the arguments loses nothing even with --overwrite
     with pytest.raises(SystemExit, match="results.jsonl exists"):
         suite.run_parts(args)
+    first = (tmp_path / "results.jsonl").read_text()
+    with pytest.raises(SystemExit, match="parts are"):
+        suite.run_parts(argparse.Namespace(**{**vars(args), "only": "train,bogus",
+                                              "overwrite": True}))
+    assert (tmp_path / "results.jsonl").read_text() == first
     args.overwrite = True
     assert suite.run_parts(args)["runs"] == summary["runs"]
+
+    # upstream asked for without an interpreter: no ladder for it, one skipped record
+    calls.clear()
+    args.only, args.upstream_python = "upstream", ""
+    summary = suite.run_parts(args)
+    assert calls == [] and summary["runs"]["skipped"] == 1
+    assert "no --upstream_python" in (tmp_path / "summary.md").read_text()
 
 
 def test_suite_run_records_ok_failed_timeout_and_skipped(tmp_path):
@@ -442,3 +456,46 @@ def test_suite_run_records_ok_failed_timeout_and_skipped(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["ok", "failed", "timeout", "skipped"]
     assert records[1]["error"] == "RESOURCE_EXHAUSTED: Out of memory"
+
+    # a traceback that JAX ends with its frame-filtering footer: the exception line is kept
+    jax_traceback = ["Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+                     "jax.errors.JaxRuntimeError: INTERNAL: cuDNN attention failed",
+                     "-" * 20, "For simplicity, JAX has removed its internal frames from the "
+                     "traceback of the following exception. Set JAX_TRACEBACK_FILTERING=off "
+                     "to include these."]
+    assert suite._error_line(jax_traceback) == (
+        "jax.errors.JaxRuntimeError: INTERNAL: cuDNN attention failed")
+    assert suite._error_line(["some log line", "last words"]) == "last words"
+
+
+@pytest.mark.parametrize("module,argv,message", [
+    ("train_step", ["--batch", "0"], "--batch: '0' is not a positive integer"),
+    ("train_step", ["--batch", "-2"], "--batch: '-2' is not a positive integer"),
+    ("sample", ["--num_steps", "-1"], "--num_steps: '-1' is not an integer >= 0"),
+    ("vae", ["--size", "0"], "--size: '0' is not a positive integer"),
+    ("suite", ["--out", "x", "--batches", "32,abc"], "--batches: 'abc' is not an integer"),
+    ("suite", ["--out", "x", "--batches", ","], "no batch"),
+    ("suite", ["--out", "x", "--steps", "0"], "--steps: '0' is not a positive integer"),
+])
+def test_bench_commands_refuse_bad_counts(capsys, module, argv, message):
+    """Counts are checked when the command line is read: one usage line, exit 2, no run."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"bench.{module}").main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_runs_refuse_bad_values_readably():
+    from bench import sample, train_step, vae
+
+    with pytest.raises(SystemExit, match="VA-VAE --variant 'bogus'.*long_stage3"):
+        train_step.vavae_config("bogus", "float32")
+    with pytest.raises(SystemExit, match="--batch 0: must be at least 1"):
+        train_step.compiled_step("lightningdit", "tiny", batch=0)
+    with pytest.raises(SystemExit, match="must be even and at least 2"):
+        sample.run("tiny", batch=0)
+    with pytest.raises(SystemExit, match="--num_steps 1: at least 2 grid points"):
+        sample.run("tiny", batch=2, num_steps=1)
+    with pytest.raises(SystemExit, match="--size 30: must be a positive multiple of"):
+        vae.run("tiny", size=30)
