@@ -72,7 +72,8 @@ def attention_arg(parser) -> None:
 
     parser.add_argument("--attention", default="", choices=ATTENTION_IMPLS,
                         help="LightningDiT's attention (config.model.attention_impl): '' the "
-                             "backend's default (explicit core on CPU, jax.nn elsewhere), "
+                             "backend's default (explicit core on CPU, jax.nn's default, "
+                             "XLA's path, elsewhere), "
                              "'explicit', 'xla' (jax.nn's XLA path) or 'cudnn' (flash "
                              "attention, CUDA GPUs only)")
 

@@ -30,7 +30,7 @@ def lightningdit_forward_flops(model_kwargs: dict, tokens: int | None = None) ->
                        SwiGLU tokens * 3 * D * H with H = int(2/3 * int(D * mlp_ratio))
                        (plain MLP: tokens * 2 * D * mlp_ratio * D)
       final layer      adaLN D * 2D (per image); linear tokens * D * (p*p*C_out)
-    LightningDiT-XL/1 at 16 x 16 tokens: 236.9 GFLOP.
+    LightningDiT-XL/1 at 16 x 16 tokens: 237.3 GFLOP (B/1: 46.0).
     """
     d = model_kwargs.get("hidden_size", 1152)
     depth = model_kwargs.get("depth", 28)

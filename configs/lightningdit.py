@@ -40,8 +40,8 @@ def _model(variant: str, name: str | None = None, **overrides) -> ml_collections
         "learn_sigma": False,
         "dtype": "float32",
         "remat": False,
-        # '' picks per backend (the explicit core on CPU, jax.nn's choice elsewhere); or
-        # 'explicit', 'xla', 'cudnn' (dit_jax.ops.dot_product_attention)
+        # '' picks per backend (the explicit core on CPU, jax.nn's default elsewhere: XLA's
+        # path); or 'explicit', 'xla', 'cudnn' (dit_jax.ops.dot_product_attention)
         "attention_impl": "",
         **overrides,
     })

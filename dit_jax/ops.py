@@ -2,9 +2,10 @@
 
 `dense_matmul` is every LightningDiT matmul (float32 accumulation for 16-bit inputs, both
 gradient matmuls in the compute dtype, as torch autocast); `dot_product_attention` picks the
-explicit `attention_core` on CPU and ``jax.nn.dot_product_attention`` (cuDNN flash attention
-where available) on GPU / TPU. Both equal the plain JAX ops within float32 rounding
-(tests/test_dit_fast_paths.py); what each buys on CPU is measured in README "Benchmarks".
+explicit `attention_core` on CPU and ``jax.nn.dot_product_attention`` on GPU / TPU (its
+default, XLA's path in jax 0.10-0.11; 'cudnn' asks for cuDNN flash attention). Both equal the
+plain JAX ops within float32 rounding (tests/test_dit_fast_paths.py); what each buys on CPU is
+measured in README "Benchmarks".
 """
 
 from __future__ import annotations
@@ -305,8 +306,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     """Scaled dot-product attention, (B, T, H, hd) in and out.
 
     implementation: None picks `attention_core` on CPU and ``jax.nn.dot_product_attention``
-    (cuDNN flash attention where available) elsewhere; 'explicit' forces the former (in
-    `attention_chunks` independent calls); 'xla' and 'cudnn' are passed to the latter.
+    with its default elsewhere (XLA's path in jax 0.10-0.11: jax does not pick cuDNN by
+    itself); 'explicit' forces the former (in `attention_chunks` independent calls); 'xla' and
+    'cudnn' (flash attention: bf16 / fp16 on CUDA GPUs) are passed to the latter.
     """
     if implementation is None:
         implementation = "explicit" if _on_cpu() else None
