@@ -11,9 +11,11 @@ a command that will run on the CPU restarts itself once with glibc's huge-page t
 
 from __future__ import annotations
 
+import re
 import sys
 
-from absl import app
+from absl import app, flags
+from ml_collections.config_flags.config_flags import is_config_flag
 
 from launch import host_memory, xla_cpu
 from launch.data.sources import DataError
@@ -27,14 +29,92 @@ USER_ERRORS = (UserError, DataError, FileNotFoundError, FileExistsError, Permiss
                NotADirectoryError, IsADirectoryError)
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """`USER_ERRORS` and the weight converters' errors (a file that is not a checkpoint, a
+    state dict of another model): their modules are looked up, not imported, as an error of
+    theirs can only come from an imported module (and this one stays light to import)."""
+    found = [getattr(sys.modules.get(module), name, None) for module, name in (
+        ("torchport.rules", "ConversionError"), ("torchport.state_dict", "CheckpointFileError"))]
+    return USER_ERRORS + tuple(error for error in found if error is not None)
+
+
 def run(main) -> None:
     def guarded(argv):
         try:
             return main(argv)
-        except USER_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+        except Exception as e:
+            if not isinstance(e, user_errors()):
+                raise
+            _exit(str(e))
 
     host_memory.use_huge_pages()
     xla_cpu.add_cpu_flags()
-    app.run(guarded)
+    app.run(guarded, flags_parser=parse_flags)
+
+
+def _exit(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with the mistakes of a command line as one line each: a bad flag
+    value (a config file's own error: its last line, not the traceback ml_collections puts in
+    the message), an override of a field the config does not have, a config file that does
+    not load; then every config flag is loaded, so that a missing file is reported here and
+    not at its first use."""
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        _exit(_flag_error_text(str(e)))
+    except (AttributeError, KeyError) as e:
+        # ml_collections applies `--config.a.b=...` while parsing and raises these for a
+        # field that does not exist; anything else is a bug and keeps its traceback
+        overrides = [a for a in argv[1:] if any(a.startswith(f"--{n}.") for n in _config_flags())]
+        if not overrides:
+            raise
+        _exit(f"unknown config field in {' '.join(overrides)}: {_key_error_text(e)}")
+    for name in _config_flags():
+        try:
+            config = flags.FLAGS[name].value
+            getattr(config, "keys", None)  # a config that failed to load raises here
+        except OSError as e:
+            _exit(f"--{name}: {_config_load_text(e)}")
+    return rest
+
+
+def _config_flags() -> list[str]:
+    return [name for name in flags.FLAGS if is_config_flag(flags.FLAGS[name])]
+
+
+def _flag_error_text(text: str) -> str:
+    """'flag --config=x.py:v: Error whilst parsing config file: <traceback> ValueError: m' ->
+    'flag --config=x.py:v: m' (the config's own message)."""
+    required = re.match(r"flag --(\w+)=None: Flag --\w+ must have a value other than None", text)
+    if required:
+        return f"--{required.group(1)} is required"
+    if "Error whilst parsing config file" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        head = lines[0].split(": Error whilst parsing", 1)[0]
+        last = lines[-1].split(": ", 1)[-1] if ": " in lines[-1] else lines[-1]
+        return f"{head}: {last}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _key_error_text(error: BaseException) -> str:
+    """ml_collections' nested KeyError / AttributeError repr -> its plain message."""
+    text = str(error.args[0]) if error.args else str(error)
+    text = text.replace("\\'", "'").replace("\\n", "\n")
+    lines = [line.strip().strip("'\"") for line in text.splitlines()]
+    return "; ".join(line for line in lines if line)
+
+
+def _config_load_text(error: OSError) -> str:
+    """ml_collections' 'Failed loading config file ... [Errno 2] ...' -> the file and why."""
+    text = str(error.__cause__ or error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    attempts = [line for line in lines if line.startswith("[Errno") or "Error" in line]
+    paths = [line for line in lines[1:] if not line.startswith(("[Errno", "Attempted"))]
+    if attempts:
+        return f"cannot load the config file {paths[0] if paths else ''}: {attempts[-1]}"
+    return " ".join(lines)

@@ -32,7 +32,8 @@ _INCEPTION = flags.DEFINE_string(
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the metrics JSON here.")
 _SAVE_STATS = flags.DEFINE_string("save_stats", None,
                                   "Write the samples' feature statistics to this .npz.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 200, "Images per Inception batch (global).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 200, "Images per Inception batch (global).",
+                                   lower_bound=1)
 
 
 def main(argv):

@@ -27,12 +27,14 @@ from launch import cli, sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "VA-VAE config (path:variant).",
                                           lock_config=True)
+flags.mark_flag_as_required("config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "VA-VAE weights (see above).")
 _INCEPTION = flags.DEFINE_string("inception", None,
                                  "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (rFID).")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 0, "Evaluate the first N images (0: all).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per global batch.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 0, "Evaluate the first N images (0: all).",
+                                   lower_bound=0)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per global batch.", lower_bound=1)
 
 
 def main(argv):

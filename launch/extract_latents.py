@@ -29,6 +29,7 @@ from launch import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "VA-VAE config (path:variant).",
                                           lock_config=True)
+flags.mark_flag_as_required("config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory of the latents.",
                                required=True)
 _CHECKPOINT = flags.DEFINE_string(

@@ -33,20 +33,24 @@ from launch import cli, distributed, sampling
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:variant).",
                                           lock_config=True)
+flags.mark_flag_as_required("config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Upstream .pt/.safetensors, an orbax params directory or a training "
     "run's workdir (its latest EMA weights); default: a randomly initialised model (zero "
     "velocity: the samples are decoded noise).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16, "Number of samples.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16, "Number of samples.", lower_bound=1)
 _LABELS = flags.DEFINE_list("labels", None, "Class labels (cycled); default: random classes.")
 _BALANCED = flags.DEFINE_bool("balanced", False,
                               "Each class equally often (random order) instead of random classes.")
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 1024,
-                                   "Images per resumable chunk (rounded to whole batches).")
+                                   "Images per resumable chunk (rounded to whole batches).",
+                                   lower_bound=1)
 _MAX_CHUNKS = flags.DEFINE_integer("max_chunks", None,
-                                   "Stop after writing this many new chunks (rerun to go on).")
-_GRID = flags.DEFINE_integer("grid", 64, "Samples shown in samples.png (0: none).")
+                                   "Stop after writing this many new chunks (rerun to go on).",
+                                   lower_bound=1)
+_GRID = flags.DEFINE_integer("grid", 64, "Samples shown in samples.png (0: none).",
+                             lower_bound=0)
 
 
 def main(argv):

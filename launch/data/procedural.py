@@ -233,10 +233,11 @@ def _main(argv: list[str]) -> None:
 if __name__ == "__main__":
     # Flags only when run as a program, so importing this module defines no global flags.
     flags.DEFINE_string("out", None, "Root folder of the class-folder tree.", required=True)
-    flags.DEFINE_integer("image_size", 32, "Image height and width in pixels.")
-    flags.DEFINE_integer("images_per_class", 300, "Images per class.")
+    flags.DEFINE_integer("image_size", 32, "Image height and width in pixels.", lower_bound=8)
+    flags.DEFINE_integer("images_per_class", 300, "Images per class.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Seed; the same arguments give byte-identical files.")
-    flags.DEFINE_integer("num_classes", 10, f"Number of classes, at most {len(_CLASSES)}.")
+    flags.DEFINE_integer("num_classes", 10, f"Number of classes, at most {len(_CLASSES)}.",
+                         lower_bound=1, upper_bound=len(_CLASSES))
     flags.DEFINE_string("grid", None, "Also write a PNG grid (a row per class, 8 columns).")
     from launch import cli
 
