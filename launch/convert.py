@@ -33,7 +33,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags
-from flax import traverse_util
 from ml_collections import config_flags
 
 from launch import cli, converters, params_io
@@ -59,7 +58,6 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output
 
 UPSTREAM_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors")
 CONFIG_FILES = {"lightningdit": "configs/lightningdit.py", "vavae": "configs/vavae.py"}
-_MAX_LISTED = 8
 
 
 def _side(conv: converters.Converter, path: str, flag: str) -> str:
@@ -86,22 +84,6 @@ def _check_config(conv: converters.Converter, config) -> None:
                         f"{family!r} config")
 
 
-def _check_tree(tree, abstract, where: str) -> None:
-    """Raise a `UserError` naming the paths where `tree` and the model's shapes differ."""
-    got = {"/".join(k): np.shape(v) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
-    want = {"/".join(k): tuple(v.shape)
-            for k, v in traverse_util.flatten_dict(dict(abstract)).items()}
-    problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
-    problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
-    problems += [f"{k}: {got[k]}, expected {want[k]}" for k in sorted(set(got) & set(want))
-                 if tuple(got[k]) != want[k]]
-    if problems:
-        shown = "; ".join(problems[:_MAX_LISTED])
-        more = f"; ... {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        raise UserError(f"the weights in {where} do not fit the configured model ({shown}{more})"
-                        "; pass the --config (and options) they were made with")
-
-
 def _read_jax(conv: converters.Converter, path: str):
     if conv.native_suffix and path.endswith(conv.native_suffix):
         with np.load(path, allow_pickle=False) as data:
@@ -109,8 +91,9 @@ def _read_jax(conv: converters.Converter, path: str):
     try:
         return params_io.restore_params(path, None)
     except (FileNotFoundError, ValueError) as e:
+        cause = e.__cause__ if isinstance(e, UserError) and e.__cause__ else e
         raise UserError(f"--input {path} is not an orbax params directory or a launch.train "
-                        f"workdir ({type(e).__name__}: {str(e)[:300]})") from e
+                        f"workdir ({type(cause).__name__}: {str(cause)[:300]})") from e
 
 
 def _remove(path: str) -> None:
@@ -132,6 +115,9 @@ def convert(name: str, src: str, dst: str, *, config: ml_collections.ConfigDict 
         raise UserError(f"--input {src} does not exist")
     if os.path.exists(dst) and not overwrite:
         raise UserError(f"--output {dst} exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise UserError(f"--output {dst}: its folder {parent} does not exist")
     step_dir = params_io.latest_checkpoint(src) if os.path.isdir(src) else None
     src_side = "run" if step_dir else _side(conv, src, "--input")
     dst_side = _side(conv, dst, "--output")
@@ -157,7 +143,7 @@ def convert(name: str, src: str, dst: str, *, config: ml_collections.ConfigDict 
         else:
             tree = conv.from_run(step_dir, options) if step_dir else _read_jax(conv, src)
             if step_dir or os.path.isdir(src):
-                _check_tree(tree, conv.abstract(model), src)
+                params_io.check_tree(tree, conv.abstract(model), src)
         if os.path.exists(dst):
             _remove(dst)
         if dst_side == "torch":

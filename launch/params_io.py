@@ -22,15 +22,70 @@ def save_params(path: str | os.PathLike, params) -> None:
         ckptr.save(path, params)
 
 
+MAX_LISTED = 8  # differences named in a mismatch error
+
+
+def tree_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{'a/b/kernel': shape} of a tree of arrays, ShapeDtypeStructs or orbax metadata."""
+    def name(path) -> str:
+        return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {name(path): tuple(np.shape(leaf)) if not hasattr(leaf, "shape")
+            else tuple(leaf.shape) for path, leaf in leaves}
+
+
+def check_tree(tree, abstract, where: str) -> None:
+    """Raise a `UserError` naming the paths where `tree`'s shapes differ from the model's
+    (`abstract`): missing, unexpected and mis-shaped entries."""
+    from launch.cli import UserError
+
+    got, want = tree_shapes(tree), tree_shapes(abstract)
+    if not got:
+        raise UserError(f"{where} holds no parameters (not an orbax params directory, a "
+                        f"launch.train workdir or a converted upstream file?)")
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    reshaped = [k for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+    if missing or unexpected or reshaped:
+        problems = ([f"{k}: {got[k]}, expected {want[k]}" for k in reshaped]
+                    + [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected])
+        shown = "; ".join(problems[:MAX_LISTED])
+        more = f"; ... {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        other = (" (no name in common: weights of another model?)"
+                 if not set(got) & set(want) else "")
+        raise UserError(f"the weights in {where} do not fit the configured model{other}: "
+                        f"{len(reshaped)} of another shape, {len(missing)} missing, "
+                        f"{len(unexpected)} unexpected ({shown}{more}); pass the --config (and "
+                        f"options) they were made with")
+
+
+def stored_tree(path: str | os.PathLike, ckptr=None):
+    """The metadata tree of an orbax params directory; a `UserError` when `path` is not one."""
+    from launch.cli import UserError
+
+    path = os.path.abspath(os.fspath(path))
+    try:
+        if ckptr is not None:
+            return ckptr.metadata(path).item_metadata
+        with ocp.StandardCheckpointer() as own:
+            return own.metadata(path).item_metadata
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"{path} is not an orbax params directory ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300] if str(e) else ''})") from e
+
+
 def restore_params(path: str | os.PathLike, abstract, shardings=None):
     """Read an orbax params directory into the structure of `abstract` (ShapeDtypeStructs; None:
     the stored tree). Without `shardings` everything lands on one device, whatever devices saved
-    it (a pod's run read on a laptop)."""
+    it (a pod's run read on a laptop). Stored names and shapes that differ from `abstract`'s
+    are a `UserError` listing them (before anything is read)."""
     path = os.path.abspath(os.fspath(path))
     with ocp.StandardCheckpointer() as ckptr:
+        stored = stored_tree(path, ckptr)
         if abstract is None:
-            stored = ckptr.metadata(path).item_metadata
             abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
+        else:
+            check_tree(stored, abstract, path)
         if shardings is None:
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree.map(lambda _: one, abstract)
@@ -97,10 +152,10 @@ def load_params(path: str | os.PathLike, *, abstract, from_torch: Callable[[str]
     if os.path.isdir(path):
         return restore_params(resolve_params_dir(path), abstract, shardings)
     params = from_torch(path)
-    expected = jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype)), abstract)
-    got = jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype)), params)
-    if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
-        raise ValueError(f"{path}: converted parameters do not match the configured model")
+    check_tree(params, abstract, path)
+    # e.g. a float16 upstream file for a float32 model: stored as the model's parameters are
+    params = jax.tree.map(lambda p, a: p if p.dtype == a.dtype else np.asarray(p, a.dtype),
+                          params, abstract)
     if shardings is not None:
         return jax.device_put(params, shardings)
     return params

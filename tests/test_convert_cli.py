@@ -145,9 +145,38 @@ def test_unknown_names_configs_and_paths_are_user_errors(tmp_path):
     convert("discriminator", src, tmp_path / "params", config=config, overwrite=True)
     wider = vavae_config("tiny")
     wider.discriminator.ndf = 16
-    with pytest.raises(UserError, match=r"do not fit the configured model \(batch_stats/bn3/mean: "
+    with pytest.raises(UserError, match=r"do not fit the configured model: 13 of another shape, "
+                                        r"0 missing, 0 unexpected \(batch_stats/bn3/mean: "
                                         r"\(16,\), expected \(32,\)"):
         convert("discriminator", tmp_path / "params", tmp_path / "d2.pt", config=wider)
+    with pytest.raises(UserError, match=r"its folder .*nowhere does not exist"):
+        convert("discriminator", src, tmp_path / "nowhere" / "d.pt", config=config)
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(UserError, match=r"text\.pt with torch\.load\(weights_only=True\): not "
+                                        r"a torch checkpoint"):
+        convert("discriminator", tmp_path / "text.pt", tmp_path / "x", config=config)
+
+
+def test_params_directories_that_do_not_fit_are_named(tmp_path):
+    """`params_io.restore_params` compares the stored names and shapes with the model's before
+    reading: another model, another size, or an empty folder is one `UserError`."""
+    abstract = {"dense": {"kernel": jax.ShapeDtypeStruct((4, 8), np.float32),
+                          "bias": jax.ShapeDtypeStruct((8,), np.float32)}}
+    params_io.save_params(tmp_path / "p", _random_tree(abstract))
+    restored = params_io.restore_params(tmp_path / "p", abstract)
+    assert restored["dense"]["kernel"].shape == (4, 8)
+    wider = {"dense": {"kernel": jax.ShapeDtypeStruct((4, 16), np.float32),
+                       "bias": jax.ShapeDtypeStruct((16,), np.float32)}}
+    with pytest.raises(UserError, match=r"2 of another shape, 0 missing, 0 unexpected "
+                                        r"\(dense/bias: \(8,\), expected \(16,\)"):
+        params_io.restore_params(tmp_path / "p", wider)
+    other = {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3), np.float32)}}
+    with pytest.raises(UserError, match=r"no name in common: weights of another model\?\): 0 of "
+                                        r"another shape, 1 missing, 2 unexpected"):
+        params_io.restore_params(tmp_path / "p", other)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty holds no parameters \(not an orbax params "):
+        params_io.restore_params(tmp_path / "empty", abstract)
 
 
 class Payload:
@@ -240,7 +269,8 @@ def test_dit_run_exports_ema_and_raw(dit_run, golden, manifest, tmp_path):
 
 def test_dit_run_with_another_config_is_a_user_error(dit_run, tmp_path):
     wrong = dit_config("tiny")  # 4 latent channels; the run has 32
-    with pytest.raises(UserError, match=r"do not fit the configured model \(.*x_embedder/kernel: "
+    with pytest.raises(UserError, match=r"do not fit the configured model: 3 of another shape.*"
+                                        r"x_embedder/kernel: "
                                         r"\(2, 2, 32, 64\), expected \(2, 2, 4, 64\)"):
         convert("dit", dit_run, tmp_path / "x.pt", config=wrong)
     with pytest.raises(UserError, match="is a 'lightningdit' run; `vavae` exports from vavae"):

@@ -29,6 +29,7 @@ from torchport.layouts import (
 from torchport.rules import ConversionError, Rule, expected_torch_shapes, to_flax, to_torch
 from torchport.state_dict import (
     TORCH_SUFFIXES,
+    CheckpointFileError,
     UnsafeCheckpointError,
     load_state_dict,
     read_checkpoint,
@@ -39,6 +40,7 @@ from torchport.state_dict import (
 
 __all__ = [
     "TORCH_SUFFIXES",
+    "CheckpointFileError",
     "ConversionError",
     "Rule",
     "UnsafeCheckpointError",

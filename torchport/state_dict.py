@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,7 +17,12 @@ TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 DEFAULT_WRAPPERS = ("module.", "_orig_mod.")  # DDP and torch.compile
 
 
-class UnsafeCheckpointError(ValueError):
+class CheckpointFileError(ValueError):
+    """A weights file that cannot be read: an unknown suffix, or contents that are not what
+    the suffix says."""
+
+
+class UnsafeCheckpointError(CheckpointFileError):
     """A `.pt` file that only a full unpickler (able to run code) could read."""
 
 
@@ -42,17 +48,24 @@ def read_checkpoint(path: str) -> Mapping[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         try:
-            return load_file(path)
-        except (TypeError, ValueError):  # bfloat16 entries: numpy cannot hold them
-            from safetensors.torch import load_file as load_torch
+            try:
+                return load_file(path)
+            except (TypeError, ValueError):  # bfloat16 entries: numpy cannot hold them
+                from safetensors.torch import load_file as load_torch
 
-            return load_torch(path)
+                return load_torch(path)
+        except SafetensorError as e:
+            raise CheckpointFileError(f"could not read {path} as safetensors: {e}") from e
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise CheckpointFileError(f"could not read {path} as an .npz archive: {e}") from e
     if path.endswith(TORCH_SUFFIXES):
         import pickle
 
@@ -62,17 +75,22 @@ def read_checkpoint(path: str) -> Mapping[str, Any]:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            what = found.group(1) if found else "not a tensor or plain container"
+            if not found:  # not a pickle at all (a text file, a truncated download)
+                reason = re.search(r"Unpickler error:\s*(.+?)(\n\n|$)", str(e), re.S)
+                raise CheckpointFileError(
+                    f"could not read {path} with torch.load(weights_only=True): not a torch "
+                    f"checkpoint ({reason.group(1).strip() if reason else 'unpickling failed'})"
+                ) from e
             raise UnsafeCheckpointError(
-                f"refusing to unpickle {path}: it holds a Python object ({what}); checkpoints "
-                "are read with torch.load(weights_only=True), which never runs code from a "
-                "file. If you trust it, load it yourself with weights_only=False and re-save "
-                "its tensors as a plain dict or a .safetensors file") from e
+                f"refusing to unpickle {path}: it holds a Python object ({found.group(1)}); "
+                "checkpoints are read with torch.load(weights_only=True), which never runs "
+                "code from a file. If you trust it, load it yourself with weights_only=False "
+                "and re-save its tensors as a plain dict or a .safetensors file") from e
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(
+            raise CheckpointFileError(
                 f"could not read {path} with torch.load(weights_only=True): {e}"
             ) from e
-    raise ValueError(
+    raise CheckpointFileError(
         f"unsupported checkpoint format: {path} "
         f"(expected one of {', '.join(TORCH_SUFFIXES)}, .safetensors, .npz)"
     )
