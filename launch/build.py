@@ -14,6 +14,18 @@ import ml_collections
 
 
 ATTENTION_IMPLS = ("", "explicit", "xla", "cudnn")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+    """`config.model.dtype` as a jnp dtype; a `UserError` for a name that is not one of
+    `COMPUTE_DTYPES`."""
+    name = config.model.dtype
+    if name not in COMPUTE_DTYPES:
+        from launch.cli import UserError
+
+        raise UserError(f"config.model.dtype {name!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+    return jnp.dtype(name)
 
 
 def dit_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -21,7 +33,7 @@ def dit_kwargs(config: ml_collections.ConfigDict) -> dict:
     `attention_impl` '' -> None, the per-backend choice)."""
     kwargs = config.model.to_dict()
     kwargs.pop("variant")
-    kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+    kwargs["dtype"] = compute_dtype(config)
     attention = kwargs.get("attention_impl") or ""
     if attention not in ATTENTION_IMPLS:
         from launch.cli import UserError
@@ -69,10 +81,18 @@ def dit_lr(config: ml_collections.ConfigDict):
     return schedule if callable(schedule) else (lambda step: jnp.asarray(schedule, jnp.float32))
 
 
+SAMPLING_METHODS = ("euler", "heun", "euler_maruyama")  # dit_jax.samplers.sample_latents
+
+
 def sampler_options(config: ml_collections.ConfigDict) -> dict:
     """`dit_jax.samplers.sample_latents` keyword arguments of `config.sample`
     (`cfg_channels = -1` in a config means every channel: None)."""
     opts = config.sample
+    if opts.method not in SAMPLING_METHODS or opts.num_steps < 2:
+        from launch.cli import UserError
+
+        raise UserError(f"config.sample.method={opts.method!r}, num_steps={opts.num_steps}: "
+                        f"expected one of {', '.join(SAMPLING_METHODS)} and at least 2 steps")
     return dict(method=opts.method, num_steps=opts.num_steps,
                 timestep_shift=opts.timestep_shift, cfg_scale=opts.cfg_scale,
                 cfg_interval_start=opts.cfg_interval_start,
@@ -104,7 +124,7 @@ def vavae_models(config: ml_collections.ConfigDict):
     from vavae_jax.lpips import LPIPS
     from vavae_jax.train_step import LossConfig, VAEModels, make_optimizers
 
-    dtype = jnp.dtype(config.model.dtype)
+    dtype = compute_dtype(config)
     foundation = dinov2(config, dtype) if config.model.use_vf is not None else None
     use_vf = foundation.embed_dim if foundation is not None else None
     models = VAEModels(

@@ -56,10 +56,17 @@ def load_batch(path: str | os.PathLike) -> Batch:
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
                 raise BatchFileError(f"{path}: arr_0 must be uint8 images (N, H, W, 3), got "
                                      f"{images.dtype} {images.shape}")
+            if len(images) < 2:
+                raise BatchFileError(f"{path}: arr_0 holds {len(images)} images; feature "
+                                     f"statistics need at least 2")
             batch.images = images
         for names, field in ((("mu", "sigma"), "stats"), (("mu_s", "sigma_s"), "spatial_stats")):
             if set(names) <= keys:
-                setattr(batch, field, (data[names[0]], data[names[1]]))
+                mu, sigma = data[names[0]], data[names[1]]
+                if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+                    raise BatchFileError(f"{path}: {names[0]} must be (D,) and {names[1]} "
+                                         f"(D, D), got {mu.shape} and {sigma.shape}")
+                setattr(batch, field, (mu, sigma))
             elif set(names) & keys:
                 raise BatchFileError(f"{path}: has {sorted(set(names) & keys)} without its pair "
                                      f"{sorted(set(names) - keys)}")

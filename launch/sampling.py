@@ -33,7 +33,8 @@ from flax import linen as nn
 from launch import build, cli, params_io, sharding
 from launch import images as image_grids
 
-LAYOUT_FILE = "json"
+LAYOUT_FILE = "sampling.json"
+OLD_LAYOUT_FILE = "json"  # the name in runs of 2026-11 (read when LAYOUT_FILE is absent)
 CHUNK_DIR = "chunks"
 
 
@@ -71,6 +72,9 @@ class Plan:
 def make_plan(num_samples: int, batch_size: int, chunk_size: int, num_devices: int) -> Plan:
     if num_samples < 1:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"sample.batch_size {batch_size} and --chunk_size {chunk_size} must "
+                         f"be positive")
     if batch_size % num_devices:
         raise ValueError(f"sample.batch_size {batch_size} must be a multiple of the "
                          f"{num_devices} devices")
@@ -106,11 +110,14 @@ def make_generate(model, sampler_options: dict, *, decode: Callable | None,
     return generate
 
 
-def check_layout(workdir: str, layout: dict) -> None:
-    """Record `layout` in a new run; refuse a rerun whose settings differ."""
+def check_layout(workdir: str, layout: dict, record: bool = True) -> None:
+    """Refuse a rerun whose settings differ from the `layout` recorded in `workdir`; in a new
+    run, record it (with `record`: once the weights it names have loaded)."""
     path = os.path.join(workdir, LAYOUT_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
+    stored_at = next((p for p in (path, os.path.join(workdir, OLD_LAYOUT_FILE))
+                      if os.path.exists(p)), None)
+    if stored_at is not None:
+        with open(stored_at) as f:
             stored = json.load(f)
         if stored != layout:
             diff = sorted(k for k in set(stored) | set(layout) if stored.get(k) != layout.get(k))
@@ -119,7 +126,7 @@ def check_layout(workdir: str, layout: dict) -> None:
                 f"{[stored.get(k) for k in diff]} there vs {[layout.get(k) for k in diff]} "
                 f"now); use another --workdir or delete it")
         return
-    if jax.process_index() == 0:
+    if record and jax.process_index() == 0:
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(layout, f, indent=2, sort_keys=True)
@@ -275,15 +282,23 @@ def latent_statistics(config) -> tuple[np.ndarray, np.ndarray, float] | None:
     return None
 
 
-def build_decoder(config, mesh):
+def build_decoder(config, mesh, latent_channels: int | None = None):
     """(decode(params, latents) -> images in [-1, 1], params replicated) of
-    `config.tokenizer`, or (None, None) without one."""
+    `config.tokenizer`, or (None, None) without one; `latent_channels`: what the DiT makes,
+    checked against the tokenizer's."""
     if not config.tokenizer.variant:
         return None, None
     from configs.vavae import get_config
     from launch.data.extraction import load_autoencoder_params
 
-    vavae_config = get_config(config.tokenizer.variant)
+    try:
+        vavae_config = get_config(config.tokenizer.variant)
+    except ValueError as e:
+        raise cli.UserError(f"config.tokenizer.variant: {e}") from e
+    if latent_channels is not None and vavae_config.model.embed_dim != latent_channels:
+        raise cli.UserError(f"config.tokenizer.variant {config.tokenizer.variant!r} decodes "
+                            f"{vavae_config.model.embed_dim}-channel latents; the model makes "
+                            f"{latent_channels} (config.model.in_channels)")
     vae = build.autoencoder(vavae_config)
     params = load_autoencoder_params(vavae_config, vae, config.tokenizer.checkpoint or None, mesh)
     return (lambda p, z: vae.apply({"params": p}, z, method=vae.decode)), params
@@ -303,7 +318,12 @@ def run_sampling(config, workdir: str, *, checkpoint: str | None, num_samples: i
     except ValueError as e:
         raise cli.UserError(str(e)) from e
     if labels:
-        all_labels = np.resize(np.array([int(v) for v in labels], np.int32), plan.num_samples)
+        try:
+            labels = [int(v) for v in labels]
+        except ValueError as e:
+            raise cli.UserError(f"--labels {','.join(map(str, labels))}: class indices are "
+                                f"integers ({e})") from e
+        all_labels = np.resize(np.array(labels, np.int32), plan.num_samples)
         if all_labels.min() < 0 or all_labels.max() >= model.num_classes:
             raise cli.UserError(f"--labels must lie in [0, {model.num_classes})")
     else:
@@ -312,6 +332,11 @@ def run_sampling(config, workdir: str, *, checkpoint: str | None, num_samples: i
     if checkpoint and not os.path.exists(checkpoint):
         raise cli.UserError(f"--checkpoint {checkpoint!r} does not exist")
     stats = latent_statistics(config)
+    if stats is not None and np.shape(stats[0]) != (model.in_channels,):
+        source = config.get("latent_stats") or f"of the latents in {config.data.path}"
+        raise cli.UserError(f"the latent statistics ({source}) have shape "
+                            f"{np.shape(stats[0])}; the model takes {model.in_channels} "
+                            f"channels (config.model.in_channels)")
     layout = {
         "model": config.model.variant,
         "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
@@ -323,12 +348,13 @@ def run_sampling(config, workdir: str, *, checkpoint: str | None, num_samples: i
         "labels": [int(v) for v in labels] if labels else None,
         "sample": config.sample.to_dict()}
     try:
-        check_layout(workdir, layout)
+        check_layout(workdir, layout, record=False)
     except LayoutMismatch as e:
         raise cli.UserError(str(e)) from e
 
     params = build_params(config, model, mesh, checkpoint)
-    decode, decoder_params = build_decoder(config, mesh)
+    decode, decoder_params = build_decoder(config, mesh, model.in_channels)
+    check_layout(workdir, layout)  # recorded once the weights it names have loaded
     if decode is not None and stats is None:
         logging.warning("no latent statistics (config.latent_stats, or latents in "
                         "config.data.path): decoding the samples as they are")

@@ -60,6 +60,9 @@ def test_stored_statistics_take_precedence_over_images(tmp_path):
     ({"arr_0": np.zeros((2, 8, 8, 3), np.float32)}, "uint8 images"),
     ({"mu": np.zeros(3)}, "without its pair"),
     ({"labels": np.zeros(3)}, "neither images"),
+    ({"arr_0": np.zeros((0, 8, 8, 3), np.uint8)}, "holds 0 images"),
+    ({"mu": np.zeros((1, 6)), "sigma": np.eye(6)}, r"mu must be \(D,\) and sigma \(D, D\)"),
+    ({"mu": np.zeros(6), "sigma": np.eye(4)}, r"got \(6,\) and \(4, 4\)"),
 ])
 def test_bad_batch_files_are_named(tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)

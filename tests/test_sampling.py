@@ -28,6 +28,53 @@ def test_plan_rounds_chunks_to_batches_and_checks_devices():
     assert plan.chunk_range(48) == (49_152, 50_000)
     with pytest.raises(ValueError, match="multiple of the 8 devices"):
         sampling.make_plan(10, 4, 8, num_devices=8)
+    with pytest.raises(ValueError, match="batch_size 0 and --chunk_size 8 must be positive"):
+        sampling.make_plan(10, 0, 8, num_devices=1)
+
+
+def test_sampling_mistakes_are_user_errors_that_leave_no_layout(tmp_path):
+    """Settings that cannot work are named before anything runs, and a run whose weights do
+    not load records no layout (the corrected rerun in the same workdir is not refused)."""
+    from configs.lightningdit import get_config
+    from launch import build
+    from launch.cli import UserError
+    from launch.data.latents import save_latent_stats
+    from torchport import CheckpointFileError
+
+    def config(**model):
+        c = get_config("tiny")
+        c.model.update(model)
+        c.tokenizer.variant = ""
+        return c
+
+    run = lambda c, **kw: sampling.run_sampling(c, str(tmp_path / "s"),  # noqa: E731
+                                                checkpoint=None, num_samples=2, **kw)
+    with pytest.raises(UserError, match="--labels a,1: class indices are integers"):
+        run(config(), labels=["a", "1"])
+    bad = config()
+    bad.sample.method = "eulr"
+    with pytest.raises(UserError, match="config.sample.method='eulr'"):
+        build.sampler_options(bad)
+    with pytest.raises(UserError, match="config.model.dtype 'float33'"):
+        build.dit_model(config(dtype="float33"))
+    stats = config(in_channels=8)
+    save_latent_stats(str(tmp_path / "stats.pt"), np.zeros(4), np.ones(4))
+    stats.latent_stats = str(tmp_path / "stats.pt")
+    with pytest.raises(UserError, match=r"latent statistics .* have shape \(4,\); the model "
+                                        r"takes 8 channels"):
+        run(stats)
+    tokenizer = config()
+    tokenizer.tokenizer.variant = "tiny"  # 4-channel latents
+    with pytest.raises(UserError, match="decodes 4-channel latents; the model makes 8"):
+        sampling.build_decoder(tokenizer, mesh=None, latent_channels=8)
+    tokenizer.tokenizer.variant = "nope"
+    with pytest.raises(UserError, match="config.tokenizer.variant: unknown config variant"):
+        sampling.build_decoder(tokenizer, mesh=None)
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointFileError, match="not a torch checkpoint"):  # a user error
+        sampling.run_sampling(config(), str(tmp_path / "s"), checkpoint=str(tmp_path / "junk.pt"),
+                              num_samples=2)
+    assert not (tmp_path / "s" / sampling.LAYOUT_FILE).exists()
 
 
 TINY = ["launch.sample", "--config", "configs/lightningdit.py:tiny", "--num_samples", "20",

@@ -295,12 +295,29 @@ def test_train_cli_user_mistake_is_one_line(tmp_path):
 
     from helpers import REPO
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.train", "--config", "configs/lightningdit.py:tiny",
-         "--workdir", str(tmp_path / "run"), f"--config.data.path={tmp_path / 'nowhere'}",
-         "--config.data.prepare="], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: latent directory")
+    def last_line(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "launch.train", "--workdir",
+                               str(tmp_path / "run"), *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        return proc.stderr.strip().splitlines()[-1]
+
+    tiny = ("--config", "configs/lightningdit.py:tiny")
+    assert last_line(*tiny, f"--config.data.path={tmp_path / 'nowhere'}",
+                     "--config.data.prepare=").startswith("error: latent directory")
+    # the command line itself: each mistake one line, before any work
+    assert last_line() == "error: --config is required"
+    assert last_line("--config", "configs/lightningdit.py:nope") == (
+        "error: flag --config=configs/lightningdit.py:nope: unknown config variant 'nope': "
+        "tiny, demo, xl1_64ep, xl1_800ep, b1, l1")
+    assert last_line("--config", "configs/nope.py:tiny") == (
+        "error: --config: cannot load the config file configs/nope.py: [Errno 2] No such file "
+        "or directory: 'configs/nope.py'")
+    assert last_line(*tiny, "--config.model.hiden_size=3") == (
+        "error: unknown config field in --config.model.hiden_size=3: hiden_size; Did you mean "
+        '"hidden_size" instead of "hiden_size"?')
+    assert last_line(*tiny, "--config.total_steps=abc") == (
+        "error: flag --config.total_steps=abc: invalid literal for int() with base 10: 'abc'")
 
 
 def test_checkpoints_of_another_config_are_an_error_not_a_fresh_start(latents, uninterrupted,
@@ -309,8 +326,11 @@ def test_checkpoints_of_another_config_are_an_error_not_a_fresh_start(latents, u
 
     straight, _ = uninterrupted
     shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    written = (tmp_path / "config.json").read_text()  # train() wrote it after its restore
+    assert json.loads(written)["model"]["hidden_size"] != 32
     with pytest.raises(UserError, match=r"none of the checkpoints \[6, 3\]"):
         train(config(latents, **{"model.hidden_size": 32}), str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == written  # the run keeps its own config
 
 
 def test_sample_and_convert_read_a_training_run(uninterrupted, tmp_path):
@@ -394,6 +414,10 @@ def test_transfer_guard_level_is_checked(latents, tmp_path):
 
     with pytest.raises(UserError, match="config.transfer_guard='strict'"):
         train(config(latents, transfer_guard="strict"), str(tmp_path))
+    with pytest.raises(UserError, match="config.nan_policy='ignore'"):
+        train(config(latents, nan_policy="ignore"), str(tmp_path))
+    with pytest.raises(UserError, match="config.train.global_batch_size=0"):
+        train(config(latents, **{"train.global_batch_size": 0}), str(tmp_path))
 
 
 @pytest.mark.slow  # ~60 s on 2 CPU cores, mostly compiling the VA-VAE step

@@ -181,9 +181,13 @@ def extract_latents(config, workdir: str, checkpoint: str | None = None) -> None
     rank, num_ranks = jax.process_index(), jax.process_count()
     mesh = sharding.create_mesh(dict(config.mesh))
     global_batch = config.extract.batch_size
-    if global_batch % mesh.devices.size or global_batch % num_ranks:
-        raise cli.UserError(f"config.extract.batch_size={global_batch} must be a multiple of "
-                            f"the {mesh.devices.size} devices and {num_ranks} processes")
+    if global_batch < 1 or global_batch % mesh.devices.size or global_batch % num_ranks:
+        raise cli.UserError(f"config.extract.batch_size={global_batch} must be a positive "
+                            f"multiple of the {mesh.devices.size} devices and {num_ranks} "
+                            f"processes")
+    if config.extract.shard_size < 1:
+        raise cli.UserError(f"config.extract.shard_size={config.extract.shard_size} must be "
+                            f"positive")
     local_batch = global_batch // num_ranks
     shard_size = config.extract.shard_size
     n = len(source)

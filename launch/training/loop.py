@@ -38,6 +38,7 @@ from launch.training.checkpointing import Checkpointer, abstract_with_shardings
 from launch.training.metrics import MetricLogger
 
 TRANSFER_GUARD_LEVELS = ("allow", "log", "disallow")
+NAN_POLICIES = ("stop", "skip")  # a non-finite loss: stop with a checkpoint, or skip the update
 
 
 class NonFiniteError(FloatingPointError):
@@ -112,6 +113,13 @@ def train(config, workdir: str) -> dict:
     if guard_level not in TRANSFER_GUARD_LEVELS:
         raise UserError(f"config.transfer_guard={guard_level!r}: expected one of "
                         f"{TRANSFER_GUARD_LEVELS}")
+    if config.get("nan_policy", "stop") not in NAN_POLICIES:
+        raise UserError(f"config.nan_policy={config.nan_policy!r}: expected one of "
+                        f"{NAN_POLICIES}")
+    if config.train.global_batch_size < 1 or config.total_steps < 0:
+        raise UserError(f"config.train.global_batch_size={config.train.global_batch_size}, "
+                        f"config.total_steps={config.total_steps}: expected a batch of at "
+                        f"least 1 and steps >= 0")
     adapter = make_adapter(config)
     devices = jax.devices()[: config.get("num_devices") or None]  # 0: every device
     mesh = sharding.create_mesh(dict(config.mesh), devices)
@@ -140,6 +148,7 @@ def train(config, workdir: str) -> dict:
         if config.get("init_from"):
             state = adapter.init_from(config.init_from, state, state_shardings)
             start_step = int(state.step)  # > 0 when continuing an upstream PyTorch run
+    write_config(workdir, config)
     frozen = adapter.frozen(mesh)
     if data_state is not None:
         data.set_state(data_state)  # the saved position (and its counters)
@@ -229,7 +238,15 @@ def train(config, workdir: str) -> dict:
 
 
 def ensure_workdir(workdir: str, config) -> None:
-    """Create the workdir and write config.json once (process 0)."""
+    """Create the workdir (process 0); `train` writes its config.json once the run's
+    checkpoint, if any, has been read with this config (so a mistaken --workdir keeps its own)."""
+    del config
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+
+
+def write_config(workdir: str, config) -> None:
+    """The run's config as JSON in `workdir/config.json` (process 0)."""
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
