@@ -149,6 +149,36 @@ def test_user_mistakes_are_one_line_errors(extracted, tmp_path):
     assert "6 of 6 images could not be decoded" in line and "n01/0.JPEG" in line
 
 
+def test_an_extraction_killed_before_its_summary_is_redone_by_prepare(extracted, tmp_path,
+                                                                     monkeypatch):
+    """The tiny LightningDiT's own latent preparation counts an extraction as finished by its
+    summary (written last, renamed into place), not by its statistics: a kill between the two
+    is resumed on the next run; latents made elsewhere (statistics, none of our files) are
+    used as they are. The statistics file itself is never half-written."""
+    from launch.data import extraction
+    from launch.data.latents import save_latent_stats
+    from launch.training.adapters import make_adapter
+
+    _, _, out, _ = extracted
+    assert (out / "summary.json").exists() and not list(out.glob("*.tmp"))
+    calls = []
+    monkeypatch.setattr(extraction, "extract_latents", lambda *args: calls.append(args))
+    config = dit_config("tiny")
+    config.data.prepare = "tiny"
+    for name, files in (("finished", ("extraction.json", "latents_stats.pt", "summary.json")),
+                        ("killed", ("extraction.json", "latents_stats.pt")),
+                        ("foreign", ("latents_stats.pt",))):
+        (tmp_path / name).mkdir()
+        for file in files:
+            shutil.copyfile(out / file, tmp_path / name / file)
+        config.data.path = str(tmp_path / name)
+        make_adapter(config).prepare_latents()
+    assert [args[1] for args in calls] == [str(tmp_path / "killed")]
+    save_latent_stats(str(tmp_path / "s.pt"), np.zeros(3), np.ones(3))
+    assert os.listdir(tmp_path / "foreign") == ["latents_stats.pt"] and not list(
+        tmp_path.glob("s.pt.tmp"))
+
+
 def test_two_processes_write_per_rank_shards_equal_to_one_process(extracted, tmp_path):
     _, tree, out, _ = extracted
     run_processes(["-m", "launch.extract_latents", "--config", "configs/vavae.py:tiny",

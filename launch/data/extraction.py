@@ -261,6 +261,8 @@ def write_stats_and_summary(workdir: str, config, num_ranks: int, seconds: float
                "num_processes": num_ranks, "latent_shape": list(shard_source.latent_shape),
                "seconds_this_run": round(seconds, 2),
                "latent_mean": mean.tolist(), "latent_std": std.tolist()}
-    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+    tmp = os.path.join(workdir, SUMMARY_FILE + ".tmp")
+    with open(tmp, "w") as f:  # renamed when complete: its presence means a finished run
         json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, SUMMARY_FILE))
     print(json.dumps({k: summary[k] for k in ("num_images", "num_skipped", "num_shards")}))

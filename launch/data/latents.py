@@ -130,12 +130,15 @@ def compute_latent_stats(source: LatentShardSource, num_images: int = STATS_IMAG
 
 
 def save_latent_stats(path: str, mean: np.ndarray, std: np.ndarray) -> None:
-    """`latents_stats.pt` as upstream writes it: {'mean', 'std'} tensors (1, C, 1, 1)."""
+    """`latents_stats.pt` as upstream writes it: {'mean', 'std'} tensors (1, C, 1, 1); written
+    to a temporary name and renamed, so a kill never leaves half a file under `path`."""
     import torch
 
     c = len(mean)
+    tmp = f"{path}.tmp"
     torch.save({"mean": torch.from_numpy(np.asarray(mean, np.float32).reshape(1, c, 1, 1)),
-                "std": torch.from_numpy(np.asarray(std, np.float32).reshape(1, c, 1, 1))}, path)
+                "std": torch.from_numpy(np.asarray(std, np.float32).reshape(1, c, 1, 1))}, tmp)
+    os.replace(tmp, path)
 
 
 def load_or_compute_stats(source: LatentShardSource) -> tuple[np.ndarray, np.ndarray]:

@@ -71,14 +71,21 @@ class LightningDiTAdapter:
         import os
 
         data = self.config.data
-        if os.path.exists(os.path.join(data.path, "latents_stats.pt")) or not data.get(
-                "prepare"):
+        if not data.get("prepare"):
             return
+        from launch.data import extraction
+
+        done = os.path.exists(os.path.join(data.path, extraction.SUMMARY_FILE))
+        # latents made elsewhere (upstream's extraction: statistics, no layout file of ours)
+        foreign = (os.path.exists(os.path.join(data.path, "latents_stats.pt"))
+                   and not os.path.exists(os.path.join(data.path, extraction.LAYOUT_FILE)))
+        if done or foreign:
+            return  # an extraction of ours killed before its summary is resumed below
         from configs.vavae import get_config as vavae_config
         from launch.data.extraction import extract_latents
 
-        logging.info("no latents at %s: extracting them with configs/vavae.py:%s", data.path,
-                     data.prepare)
+        logging.info("no finished latents at %s: extracting them with configs/vavae.py:%s",
+                     data.path, data.prepare)
         extract_latents(vavae_config(data.prepare), data.path,
                         data.get("prepare_checkpoint") or None)
 
