@@ -198,6 +198,30 @@ def test_continue_an_upstream_pytorch_run(latents, uninterrupted, tmp_path):
                                rtol=1e-6)
 
 
+def test_init_from_a_run_and_from_released_weights(uninterrupted, latents, tmp_path):
+    """init_from a run's workdir (its latest EMA params) or an upstream weights file: params
+    and EMA both start from them (in separate buffers: the step donates both), fresh
+    optimiser, step 0."""
+    from dit_jax.convert import params_to_torch
+    from launch.build import dit_model
+    from torchport import save_state_dict
+
+    straight, _ = uninterrupted
+    start = final_params(straight, 6)
+    save_state_dict(str(tmp_path / "released.pt"),
+                    params_to_torch(start, dit_model(config(latents))))
+    for name, source in (("from_run", straight), ("from_file", str(tmp_path / "released.pt"))):
+        summary = train(config(latents, init_from=source, total_steps=1, ckpt_every=1),
+                        str(tmp_path / name))
+        assert summary["final_step"] == 1 and np.isfinite(summary["loss"])
+    # one AdamW step at the warm-up's first rate moves the weights only slightly
+    for name in ("from_run", "from_file"):
+        moved = [np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in
+                 zip(jax.tree.leaves(final_params(tmp_path / name, 1)), jax.tree.leaves(start),
+                     strict=True)]
+        assert max(moved) < 1e-2
+
+
 def test_nan_policy_skip_keeps_the_state(latents, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(latents, bad)

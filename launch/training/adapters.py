@@ -32,6 +32,12 @@ def forward_flops(fn, *abstract_args) -> float:
     return float(analysis["flops"]) if analysis and "flops" in analysis else float("nan")
 
 
+
+def _copy(tree):
+    """Fresh buffers with the same shardings: the step donates params and EMA, and one buffer
+    cannot be donated twice."""
+    return jax.tree.map(lambda x: x.copy(), tree)
+
 class LightningDiTAdapter:
     """Rectified-flow LightningDiT on latents (`config.data` = a latent directory)."""
 
@@ -115,7 +121,7 @@ class LightningDiTAdapter:
         if os.path.isdir(path):
             params = params_io.restore_params(params_io.resolve_params_dir(path),
                                               abstract_like(state.params), shardings.params)
-            return state.replace(params=params, ema_params=params)
+            return state.replace(params=params, ema_params=_copy(params))
         raw = read_checkpoint(path)
         if "opt" in raw:
             logging.info("continuing the upstream training run %s (weights, EMA, AdamW)", path)
@@ -124,7 +130,7 @@ class LightningDiTAdapter:
                                               optimizer_config=dict(self.config.optimizer))
             return jax.device_put(imported, shardings)
         params = jax.device_put(params_from_torch(raw, self.model), shardings.params)
-        return state.replace(params=params, ema_params=params)
+        return state.replace(params=params, ema_params=_copy(params))
 
     def flops_per_example(self, params) -> float:
         s, c = self.model.input_size, self.model.in_channels
