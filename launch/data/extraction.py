@@ -67,7 +67,8 @@ def load_autoencoder_params(config, model, checkpoint: str | None, mesh):
                                 "directory or a training workdir); only the tiny config may "
                                 "run on random weights")
         logging.warning("*" * 72)
-        logging.warning("NO --checkpoint: encoding with a RANDOMLY INITIALISED tiny VA-VAE")
+        logging.warning("no VA-VAE weights (--checkpoint, config.tokenizer.checkpoint or "
+                        "config.data.prepare_checkpoint): a RANDOMLY INITIALISED tiny VA-VAE")
         logging.warning("*" * 72)
         f = model.downsample_factor
         init = lambda: nn.meta.unbox(model.init(
