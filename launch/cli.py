@@ -30,11 +30,14 @@ USER_ERRORS = (UserError, DataError, FileNotFoundError, FileExistsError, Permiss
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """`USER_ERRORS` and the weight converters' errors (a file that is not a checkpoint, a
-    state dict of another model): their modules are looked up, not imported, as an error of
-    theirs can only come from an imported module (and this one stays light to import)."""
+    """`USER_ERRORS`, the weight converters' errors (a file that is not a checkpoint, a state
+    dict of another model) and the training loop's NaN guard (it names the step, the metric
+    and the remedies; the run resumes from its last checkpoint). Their modules are looked up,
+    not imported: an error of theirs can only come from an imported module, and this one
+    stays light to import."""
     found = [getattr(sys.modules.get(module), name, None) for module, name in (
-        ("torchport.rules", "ConversionError"), ("torchport.state_dict", "CheckpointFileError"))]
+        ("torchport.rules", "ConversionError"), ("torchport.state_dict", "CheckpointFileError"),
+        ("launch.training.loop", "NonFiniteError"))]
     return USER_ERRORS + tuple(error for error in found if error is not None)
 
 

@@ -144,6 +144,9 @@ def test_nan_guard_names_the_step_and_metric(latents, tmp_path):
                        np.zeros(32, np.int64))
     with pytest.raises(NonFiniteError, match=r"= nan at step 1"):
         train(config(bad), str(tmp_path / "run"))
+    from launch import cli
+
+    assert NonFiniteError in cli.user_errors()  # `launch.train` prints it as one error line
 
 
 def test_train_cli_vavae_tiny(tmp_path):
