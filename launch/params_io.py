@@ -31,8 +31,7 @@ def tree_shapes(tree) -> dict[str, tuple[int, ...]]:
         return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {name(path): tuple(np.shape(leaf)) if not hasattr(leaf, "shape")
-            else tuple(leaf.shape) for path, leaf in leaves}
+    return {name(path): tuple(np.shape(leaf)) for path, leaf in leaves}
 
 
 def check_tree(tree, abstract, where: str) -> None:
@@ -59,16 +58,13 @@ def check_tree(tree, abstract, where: str) -> None:
                         f"options) they were made with")
 
 
-def stored_tree(path: str | os.PathLike, ckptr=None):
+def stored_tree(path: str | os.PathLike, ckptr):
     """The metadata tree of an orbax params directory; a `UserError` when `path` is not one."""
     from launch.cli import UserError
 
     path = os.path.abspath(os.fspath(path))
     try:
-        if ckptr is not None:
-            return ckptr.metadata(path).item_metadata
-        with ocp.StandardCheckpointer() as own:
-            return own.metadata(path).item_metadata
+        return ckptr.metadata(path).item_metadata
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"{path} is not an orbax params directory ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:300] if str(e) else ''})") from e
