@@ -54,7 +54,7 @@ def main(argv):
     from launch.training.loop import ensure_workdir, train
 
     config, workdir = _CONFIG.value, _WORKDIR.value
-    ensure_workdir(workdir, config)
+    ensure_workdir(workdir)
     summary = train(config, workdir)
     print(json.dumps(summary))
 

@@ -237,10 +237,9 @@ def train(config, workdir: str) -> dict:
     return last
 
 
-def ensure_workdir(workdir: str, config) -> None:
+def ensure_workdir(workdir: str) -> None:
     """Create the workdir (process 0); `train` writes its config.json once the run's
-    checkpoint, if any, has been read with this config (so a mistaken --workdir keeps its own)."""
-    del config
+    checkpoint, if any, has been read with the config (so a mistaken --workdir keeps its own)."""
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
 
