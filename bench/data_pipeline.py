@@ -259,7 +259,7 @@ def main():
                     for k, v in raw.items()))
 
     print(f"== grain pipelines, mesh=None: make_image_iterator (batch {args.batch}, 256 px, "
-          f"data_config(): read_threads 16, prefetch 8) and make_latent_iterator ("
+          f"data_config(): read_threads 8, prefetch 8) and make_latent_iterator ("
           f"{args.num_latents} x (32, 16, 16) in 4 shards, batch {args.latent_batch}, "
           f"xl1_64ep data); {args.rounds} ABBA rounds\n  {'':24s} {'per s':>8s} {'x ref':>6s} "
           f"{'start-up s':>10s} {'cores busy':>10s} {'per CPU-s':>10s} {'x ref':>6s}  rounds")
