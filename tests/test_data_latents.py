@@ -134,6 +134,19 @@ def test_latent_errors(tmp_path):
                     str(tmp_path / "zz.safetensors"))
     with pytest.raises(DataError, match=r"zz.safetensors: missing \['latents_flip'\]"):
         LatentShardSource(str(tmp_path))
+    torch_save_file({"latents": torch.zeros(2, C, H), "latents_flip": torch.zeros(2, C, H),
+                     "labels": torch.zeros(2, dtype=torch.int64)}, str(tmp_path / "zz.safetensors"))
+    with pytest.raises(DataError, match=r"zz.safetensors: inconsistent shapes .*\(N, C, H, W\)"):
+        LatentShardSource(str(tmp_path))
+    shard = tmp_path / "latents_rank00_shard000.safetensors"
+    with pytest.raises(DataError, match="is a file"):
+        LatentShardSource(str(shard))
+    with pytest.raises(DataError, match="is a URL"):
+        LatentShardSource("gs://bucket/latents")
+    (tmp_path / "zz.safetensors").unlink()
+    shard.write_bytes(shard.read_bytes()[:-50])  # a partial copy
+    with pytest.raises(DataError, match=r"shard000.safetensors: not a readable safetensors"):
+        LatentShardSource(str(tmp_path))
 
 
 def test_our_shards_read_as_upstream_reads_them(tmp_path):

@@ -388,6 +388,12 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="no image files"):
         ImageFolderSource(tmp_path)
     (tmp_path / "n01" / "x.png").write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    (tmp_path / "n02").mkdir()  # an empty class: torchvision's ImageFolder raises too
+    (tmp_path / "n02" / "notes.txt").write_text("no image")
+    with pytest.raises(DataError, match="1 of 2 class folders hold no image files.*: n02$"):
+        ImageFolderSource(tmp_path)
+    (tmp_path / "n02" / "notes.txt").unlink()
+    (tmp_path / "n02").rmdir()
     with pytest.raises(DataError, match="1 classes but the model has num_classes=1000"):
         make_image_iterator(config(path=str(tmp_path)), global_batch_size=1, seed=0,
                             num_classes=1000)

@@ -173,6 +173,17 @@ def test_array_record_errors(tmp_path, shards):
         ArrayRecordImageSource(out)
 
 
+def test_urls_are_refused_not_written_as_local_folders(tree, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a URL taken as a path would become the folder ./gs:/...
+    with pytest.raises(DataError, match="is a URL.*mount"):
+        write_array_record_shards(ImageFolderSource(tree), "gs://bucket/imagenet", num_shards=1)
+    assert not (tmp_path / "gs:").exists()
+    for read in (ArrayRecordImageSource, ImageFolderSource,
+                 lambda p: TfdsImageSource("imagenet2012", data_dir=p)):
+        with pytest.raises(DataError, match="is a URL"):
+            read("gs://bucket/imagenet")
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "launch.data.array_record", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60)

@@ -128,6 +128,21 @@ def run_failing(*args):
     return proc.stderr.strip().splitlines()[-1]
 
 
+def test_extraction_reads_every_image_as_upstream_image_folder(tmp_path):
+    """config.data.exclude leaves a file out of VA-VAE training (upstream's data list), not out
+    of extraction (upstream's extract_features.py reads the whole ImageFolder)."""
+    from launch.data.extraction import extraction_source
+    from launch.data.image_pipeline import prepare_source
+
+    tree = write_shapes_dataset(tmp_path / "shapes", image_size=8, images_per_class=2)
+    name = sorted(os.listdir(os.path.join(tree, "00_red_disc")))[0]
+    data = get_config("tiny").data
+    data.update(path=str(tree), procedural_images_per_class=0, exclude=(name,))
+    assert len(prepare_source(data)) == 19
+    assert len(extraction_source(data)) == 20
+    assert data.exclude == (name,)  # the caller's config is unchanged
+
+
 def test_user_mistakes_are_one_line_errors(extracted, tmp_path):
     _, tree, out, _ = extracted
     tiny = ["--config", "configs/vavae.py:tiny", "--config.data.procedural_images_per_class=0"]

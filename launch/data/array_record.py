@@ -42,7 +42,13 @@ from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from tqdm import tqdm
 
-from launch.data.sources import DataError, ImageFolderSource, ImageSource, RawExample
+from launch.data.sources import (
+    DataError,
+    ImageFolderSource,
+    ImageSource,
+    RawExample,
+    reject_url,
+)
 
 CLASSES_FILE = "classes.json"
 SHARD_SUFFIX = ".array_record"
@@ -89,6 +95,7 @@ def _count_records(path: str) -> int:
 
 
 def _find_shards(path: str) -> list[str]:
+    reject_url(path, "ArrayRecord path")
     if any(c in path for c in "*?["):
         shards = sorted(p for p in glob.glob(path) if os.path.isfile(p))
         if not shards:
@@ -189,6 +196,7 @@ def write_array_record_shards(source: ImageSource, output_dir: str | os.PathLike
     deletes them). Each shard is written under a temporary name and renamed when complete.
     """
     output_dir = os.fspath(output_dir)
+    reject_url(output_dir, "output directory")
     if num_shards < 1:
         raise DataError(f"num_shards must be >= 1, got {num_shards}")
     if not source.class_names:

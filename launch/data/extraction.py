@@ -26,7 +26,7 @@ from launch.data import latents as latent_files
 from launch.data.image_pipeline import prepare_source
 from launch.data.pipeline import read_options
 from launch.data.preprocess import decode_rgb, to_model_range
-from launch.data.sources import DataError, ImageSource
+from launch.data.sources import DataError, ImageSource, reject_url
 
 LAYOUT_FILE = "extraction.json"  # what a resumed run must agree with
 SUMMARY_FILE = "summary.json"
@@ -53,6 +53,16 @@ class LoadForExtraction(grain.transforms.Map):
         except Exception:  # noqa: BLE001 (an undecodable image is skipped and counted)
             return {"image": blank, "label": np.int64(-1), "index": np.int64(index),
                     "ok": np.bool_(False)}
+
+
+def extraction_source(data) -> ImageSource:
+    """Every image of `data`, as upstream's extract_features.py reads them with torchvision's
+    ImageFolder: `data.exclude` (upstream's VA-VAE training list leaves n06596364_9591.JPEG
+    out) applies to VA-VAE training only."""
+    data = data.copy_and_resolve_references()
+    if "exclude" in data:
+        data.exclude = ()
+    return prepare_source(data)
 
 
 def load_autoencoder_params(config, model, checkpoint: str | None, mesh):
@@ -176,9 +186,10 @@ class ShardEncoder:
 
 def extract_latents(config, workdir: str, checkpoint: str | None = None) -> None:
     """Encode `config.data`'s images into `workdir` (resumable; every process calls this)."""
+    reject_url(workdir, "latent --workdir")
     os.makedirs(workdir, exist_ok=True)
     data = config.data
-    source = prepare_source(data)
+    source = extraction_source(data)
     rank, num_ranks = jax.process_index(), jax.process_count()
     mesh = sharding.create_mesh(dict(config.mesh))
     global_batch = config.extract.batch_size

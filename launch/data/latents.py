@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from launch.data.pipeline import GlobalBatchIterator, make_global_iterator
-from launch.data.sources import DataError
+from launch.data.sources import DataError, reject_url
 
 SHARD_PATTERN = "latents_rank{rank:02d}_shard{shard:03d}.safetensors"
 STATS_FILE = "latents_stats.pt"
@@ -47,6 +47,10 @@ def write_latent_shard(path: str, latents: np.ndarray, latents_flip: np.ndarray,
 
 
 def list_shards(directory: str) -> list[str]:
+    reject_url(directory, "latent directory")
+    if os.path.isfile(directory):
+        raise DataError(f"latent directory {directory!r} is a file, expected the directory of "
+                        "latents_rank*_shard*.safetensors (config.data.path)")
     if not os.path.isdir(directory):
         raise DataError(f"latent directory {directory!r} does not exist (config.data.path)")
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
@@ -66,15 +70,23 @@ class LatentShardSource:
         self.files = list_shards(directory)
         counts, shape = [], None
         for path in self.files:
-            with safe_open(path, "np") as f:
-                missing = set(LATENT_KEYS) - set(f.keys())
-                if missing:
-                    raise DataError(f"{path}: missing {sorted(missing)}, expected the keys "
-                                    f"{LATENT_KEYS} of upstream's latent shards")
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in LATENT_KEYS}
-            n = shapes["labels"][0]
-            if shapes["latents"] != shapes["latents_flip"] or shapes["latents"][0] != n:
-                raise DataError(f"{path}: inconsistent shapes {shapes}")
+            try:
+                with safe_open(path, "np") as f:
+                    keys = set(f.keys())
+                    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in LATENT_KEYS
+                              if k in keys}
+            except Exception as e:  # safetensors' errors do not name the file
+                raise DataError(f"{path}: not a readable safetensors file (truncated or "
+                                f"partly copied?): {e}") from None
+            missing = set(LATENT_KEYS) - keys
+            if missing:
+                raise DataError(f"{path}: missing {sorted(missing)}, expected the keys "
+                                f"{LATENT_KEYS} of upstream's latent shards")
+            n = shapes["labels"][0] if shapes["labels"] else -1
+            if (len(shapes["latents"]) != 4 or len(shapes["labels"]) != 1
+                    or shapes["latents"] != shapes["latents_flip"] or shapes["latents"][0] != n):
+                raise DataError(f"{path}: inconsistent shapes {shapes}, expected latents and "
+                                "latents_flip (N, C, H, W) and labels (N,)")
             if shape is not None and shapes["latents"][1:] != shape:
                 raise DataError(f"{path}: latents {shapes['latents'][1:]} (C, H, W) differ "
                                 f"from {shape} in {self.files[0]}")

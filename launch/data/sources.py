@@ -21,6 +21,14 @@ class DataError(ValueError):
     """A user-facing data problem: wrong path, no classes, too many undecodable items, ..."""
 
 
+def reject_url(path: str, what: str) -> None:
+    """Data is read (and shards written) through the local filesystem: a URL such as gs://...
+    would not be found, or would be written as a local folder named 'gs:'."""
+    if "://" in path:
+        raise DataError(f"{what} {path!r} is a URL: data is read and written through the local "
+                        "filesystem only; mount the bucket (e.g. gcsfuse) and pass the mount path")
+
+
 @dataclasses.dataclass(frozen=True)
 class RawExample:
     data: bytes  # the encoded image file (JPEG, PNG, ...)
@@ -61,6 +69,7 @@ class ImageFolderSource(ImageSource):
 
     def __init__(self, root: str | os.PathLike, exclude: tuple[str, ...] = ()):
         root = os.fspath(root)
+        reject_url(root, "image folder")
         if not os.path.exists(root):
             raise DataError(f"image folder {root!r} does not exist (config.data.path)")
         if not os.path.isdir(root):
@@ -83,6 +92,14 @@ class ImageFolderSource(ImageSource):
         if not paths:
             raise DataError(f"{root!r} has {len(self.class_names)} class folders but no image "
                             f"files ({', '.join(IMG_EXTENSIONS)})")
+        # torchvision's ImageFolder raises for a class without images (an interrupted copy or
+        # extraction) rather than train with a class that never appears
+        present = set(labels)
+        empty = [name for label, name in enumerate(self.class_names) if label not in present]
+        if empty:
+            raise DataError(f"{root!r}: {len(empty)} of {len(self.class_names)} class folders "
+                            f"hold no image files ({', '.join(IMG_EXTENSIONS)}): "
+                            f"{', '.join(empty[:10])}{', ...' if len(empty) > 10 else ''}")
         self.num_classes = len(self.class_names)
         self._paths = paths
         self._labels = labels

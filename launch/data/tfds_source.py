@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-from launch.data.sources import DataError, ImageSource, RawExample
+from launch.data.sources import DataError, ImageSource, RawExample, reject_url
 
 _PREPARE_HINT = ("prepare it with file_format=\"array_record\" in a separate environment with "
                  "tensorflow-cpu (see launch/data/tfds_source.py)")
@@ -54,6 +54,7 @@ class TfdsImageSource(ImageSource):
             raise DataError("TfdsImageSource needs data_dir: the tfds data directory holding "
                             f"{name}/<version>/ (config.data.path)")
         data_dir = os.path.expanduser(os.fspath(data_dir))
+        reject_url(data_dir, "tfds data_dir")
         if not os.path.isdir(data_dir):
             raise DataError(f"tfds data_dir {data_dir!r} does not exist (config.data.path)")
         self.name, self.data_dir, self.split = name, data_dir, split
