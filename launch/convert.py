@@ -64,6 +64,10 @@ def _side(conv: converters.Converter, path: str, flag: str) -> str:
     """'torch' (an upstream file) or 'jax' (an orbax directory or a native file)."""
     if conv.native_suffix and path.endswith(conv.native_suffix):
         return "jax"
+    if flag == "--output" and path.endswith(".npz"):  # else: an orbax directory named .npz
+        raise UserError(f"--output {path}: `{conv.name}` writes no .npz (only latent_stats "
+                        f"does); give an upstream file ({', '.join(UPSTREAM_SUFFIXES)}) or a "
+                        "params directory")
     if path.endswith(UPSTREAM_SUFFIXES) or (flag == "--input" and path.endswith(".npz")):
         return "torch"
     if flag == "--output" or os.path.isdir(path):

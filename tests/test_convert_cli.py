@@ -138,6 +138,9 @@ def test_unknown_names_configs_and_paths_are_user_errors(tmp_path):
         convert("discriminator", src, tmp_path / "x")  # the upstream ndf=64 model
     with pytest.raises(UserError, match="both on the JAX side"):
         convert("discriminator", tmp_path, tmp_path / "x", config=config)
+    with pytest.raises(UserError, match=r"x\.npz: `discriminator` writes no \.npz"):
+        convert("discriminator", src, tmp_path / "x.npz", config=config)
+    assert not (tmp_path / "x.npz").exists()
 
     convert("discriminator", src, tmp_path / "params", config=config)
     with pytest.raises(UserError, match=r"exists \(pass --overwrite to replace it\)"):

@@ -172,3 +172,12 @@ def test_zero_dim_entries_stay_zero_dim(tmp_path):
         save_state_dict(tmp_path / f"s{suffix}", sd)
         got = load_state_dict(tmp_path / f"s{suffix}")
         assert got["bn.num_batches_tracked"].shape == () and got["bn.num_batches_tracked"] == 7
+
+
+def test_bfloat16_arrays_are_written_bit_for_bit(tmp_path):
+    """bf16 params (numpy's ml_dtypes bfloat16, which torch.from_numpy refuses) -> bf16 .pt."""
+    w = (np.arange(12, dtype=np.float32).reshape(3, 4) / 7).astype(jax.numpy.bfloat16)
+    save_state_dict(tmp_path / "b.pt", {"w": w})
+    raw = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert raw["w"].dtype == torch.bfloat16
+    np.testing.assert_array_equal(load_state_dict(tmp_path / "b.pt")["w"], w.astype(np.float32))

@@ -36,6 +36,7 @@ from torchport.state_dict import (
     save_state_dict,
     source_name,
     strip_prefixes,
+    to_torch_tensor,
 )
 
 __all__ = [
@@ -58,4 +59,5 @@ __all__ = [
     "strip_prefixes",
     "to_flax",
     "to_torch",
+    "to_torch_tensor",
 ]

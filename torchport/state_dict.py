@@ -165,6 +165,19 @@ def load_state_dict(
     return strip_prefixes(arrays, under=under)
 
 
+def to_torch_tensor(array: np.ndarray):
+    """A numpy array as a torch tensor of the same dtype; bfloat16 (ml_dtypes, which
+    ``torch.from_numpy`` refuses) becomes ``torch.bfloat16`` bit for bit."""
+    import torch
+
+    array = np.asarray(array, order="C")
+    if not array.flags.writeable:
+        array = array.copy()
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 def save_state_dict(
     path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], *, wrap_key: str | None = None
 ) -> None:
@@ -183,6 +196,5 @@ def save_state_dict(
         raise ValueError(f"unsupported output format: {path} (use .pt or .safetensors)")
     import torch
 
-    tensors = {k: torch.from_numpy(v if v.flags.writeable else v.copy())
-               for k, v in arrays.items()}
+    tensors = {k: to_torch_tensor(v) for k, v in arrays.items()}
     torch.save({wrap_key: tensors} if wrap_key else tensors, path)
