@@ -101,13 +101,14 @@ def main(argv=None) -> None:
                                    f" --xla_force_host_platform_device_count={args.devices}")
     rows = run(args.variant, args.batch)
     base = rows[0]["loss"]
-    print(f"LightningDiT {args.variant}, global batch {args.batch}, float32; MB per device")
-    print(f"{'mesh':32} {'loss':>10}  " + "  ".join(f"{c:>22}" for c in COLLECTIVES))
+    print(f"LightningDiT {args.variant}, global batch {args.batch}, float32; MiB per device")
+    print(f"{'mesh':32} {'loss':>10}  " + "  ".join(f"{c:>23}" for c in COLLECTIVES))
     for row in rows:
         cells = []
         for c in COLLECTIVES:
             v = row["collectives"].get(c)
-            cells.append(f"{v['count']:>6} x {v['bytes'] / 2**20:>10.2f} MB" if v else f"{'-':>22}")
+            mib = f"{v['count']:>6} x {v['bytes'] / 2**20:>10.2f} MiB" if v else None
+            cells.append(mib or f"{'-':>23}")
         print(f"{json.dumps(row['mesh']):32} {row['loss']:>10.6f}  " + "  ".join(cells))
     worst = max(abs(r["loss"] - base) / abs(base) for r in rows)
     print(json.dumps({"bench": "collectives", "variant": args.variant, "batch": args.batch,

@@ -167,9 +167,11 @@ def run_sbatch(tmp_path: pathlib.Path, *args: str, env: dict[str, str] | None = 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     write_executable(bin_dir / "srun", '#!/bin/bash\necho "JAX_DISTRIBUTED=$JAX_DISTRIBUTED"\n'
+                     'echo "JAX_LOCAL_DEVICE_IDS=$JAX_LOCAL_DEVICE_IDS"\n'
                      'echo "PWD=$PWD"\nfor a in "$@"; do echo "ARG=$a"; done\n')
     clean = {k: v for k, v in os.environ.items()
-             if k not in ("CONFIG", "WORKDIR", "REPO_DIR", "JAX_DISTRIBUTED")
+             if k not in ("CONFIG", "WORKDIR", "REPO_DIR", "JAX_DISTRIBUTED",
+                          "JAX_LOCAL_DEVICE_IDS")
              and not k.startswith("SLURM_")}
     full_env = {**clean, "PATH": f"{bin_dir}:{os.environ['PATH']}",
                 "SLURM_SUBMIT_DIR": str(REPO), "SLURM_CPUS_ON_NODE": "96", **(env or {})}
@@ -188,7 +190,8 @@ def test_sbatch_runs_srun_with_config_workdir_and_extra_args(tmp_path):
     result = run_sbatch(tmp_path, "configs/lightningdit.py:xl1_64ep", "/shared/runs/xl 1",
                         "--config.name=two words", "--config.note=$HOME")
     env, argv = srun_call(result)
-    assert env == {"JAX_DISTRIBUTED": "1", "PWD": str(REPO)}
+    assert env == {"JAX_DISTRIBUTED": "1", "JAX_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7",
+                   "PWD": str(REPO)}
     assert argv == ["--ntasks-per-node=1", "--cpus-per-task=96", ".venv/bin/python", "-m",
                     "launch.train", "--config=configs/lightningdit.py:xl1_64ep",
                     "--workdir=/shared/runs/xl 1", "--config.name=two words",
@@ -211,3 +214,21 @@ def test_sbatch_without_config_prints_usage(tmp_path):
     assert result.returncode != 0
     assert "usage: sbatch" in result.stderr
     assert "ARG=" not in result.stdout
+
+
+def test_sbatch_gives_the_one_process_per_node_every_gpu(tmp_path):
+    """JAX's SLURM auto-detection alone would restrict each process to GPU SLURM_LOCALID (0)."""
+    from jax._src import clusters
+
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[001-002]", "SLURM_NTASKS": "2",
+             "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in slurm.items():
+            mp.setenv(k, v)
+        detected = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            None, None, None, None, None, None)
+    assert detected[3] == [0]  # why the script must set JAX_LOCAL_DEVICE_IDS
+    env, _ = srun_call(run_sbatch(tmp_path, "c", "w", env={"SLURM_GPUS_ON_NODE": "4"}))
+    assert env["JAX_LOCAL_DEVICE_IDS"] == "0,1,2,3"
+    env, _ = srun_call(run_sbatch(tmp_path, "c", "w", env={"JAX_LOCAL_DEVICE_IDS": "0,2"}))
+    assert env["JAX_LOCAL_DEVICE_IDS"] == "0,2"

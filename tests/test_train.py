@@ -240,20 +240,23 @@ def test_nan_policy_skip_keeps_the_state(latents, tmp_path):
 
 
 def test_two_processes_train_like_one_process_with_two_devices(latents, tmp_path):
-    """launch.train over two real JAX processes (one CPU device each, gloo collectives)."""
+    """launch.train over two real JAX processes (one CPU device each, gloo collectives); the
+    sample grid (decoded by the tiny VA-VAE on each process's own device) is written once."""
     from helpers import run_processes
 
     args = ["-m", "launch.train", "--config", "configs/lightningdit.py:tiny",
             f"--config.data.path={latents}", "--config.data.prepare=", "--config.total_steps=3",
-            "--config.log_every=1", "--config.ckpt_every=3", "--config.sample_every=0"]
-    run_processes([*args, "--workdir", str(tmp_path / "two")], devices_per_process=1,
-                  as_flags=True)
-    run_module(*args[1:], "--workdir", str(tmp_path / "one"))  # one process, two devices
+            "--config.log_every=1", "--config.ckpt_every=3"]
+    run_processes([*args, "--config.sample_every=3", "--workdir", str(tmp_path / "two")],
+                  devices_per_process=1, as_flags=True)
+    # one process, two devices
+    run_module(*args[1:], "--config.sample_every=0", "--workdir", str(tmp_path / "one"))
     two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert sorted(two) == [1, 2, 3]
     np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)],
                                rtol=1e-5)
     assert os.path.isdir(tmp_path / "two" / "checkpoints" / "3" / "state")
+    assert os.listdir(tmp_path / "two" / "images") == ["samples_00000003.png"]
 
 
 def test_gradient_accumulation_through_the_loop(latents, uninterrupted, tmp_path):

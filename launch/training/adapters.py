@@ -174,7 +174,8 @@ class LightningDiTAdapter:
 
         vavae_config = get_config(tokenizer.variant)
         vae = build.autoencoder(vavae_config)
-        one_device = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
+        # this process's own device: each process decodes the (replicated) samples itself
+        one_device = sharding.create_mesh((1, 1, 1), jax.local_devices()[:1])
         # loaded once, at the first grid: not a per-step copy, so exempt from the loop's guard
         with jax.transfer_guard("allow"):
             params = load_autoencoder_params(vavae_config, vae, tokenizer.checkpoint or None,
