@@ -41,6 +41,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return USER_ERRORS + tuple(error for error in found if error is not None)
 
 
+def path_flag(name: str) -> None:
+    """Refuse a URL (gs://..., s3://...) as flag `name`: the commands read and write through the
+    file system, where one would become a local folder named 'gs:'. A bucket is used through a
+    mount (gcsfuse) or a shared file system."""
+    flags.register_validator(
+        name, lambda value: value is None or "://" not in value,
+        message="is a URL; the commands read and write files through the file system: give a "
+                "path (a local disk, or shared storage mounted at the same path on every host)")
+
+
 def run(main) -> None:
     def guarded(argv):
         try:

@@ -34,6 +34,8 @@ _SAVE_STATS = flags.DEFINE_string("save_stats", None,
                                   "Write the samples' feature statistics to this .npz.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 200, "Images per Inception batch (global).",
                                    lower_bound=1)
+cli.path_flag("output")
+cli.path_flag("save_stats")
 
 
 def main(argv):

@@ -35,6 +35,7 @@ _INCEPTION = flags.DEFINE_string("inception", None,
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 0, "Evaluate the first N images (0: all).",
                                    lower_bound=0)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per global batch.", lower_bound=1)
+cli.path_flag("workdir")
 
 
 def main(argv):

@@ -35,6 +35,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory of the latents
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "VA-VAE weights: upstream .pt/.ckpt, an orbax params directory or a "
     "training workdir. Only the tiny config may omit it (random weights).")
+cli.path_flag("workdir")
 
 
 def main(argv):

@@ -31,6 +31,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.",
                                       lower_bound=1)
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.", lower_bound=0)
+cli.path_flag("workdir")
 
 
 class _QuietLibraries:

@@ -90,12 +90,12 @@ def test_setup_needs_one_source():
 
 def test_run_commands_quote_every_argument():
     got = commands("run", "--name", "tpu1", "--zone", "us-west4-a",
-                   "--config", "configs/lightningdit.py:xl1_64ep", "--workdir", "gs://b/runs/xl1",
-                   "--env", "TFDS_DATA_DIR=gs://b/my data", "--",
+                   "--config", "configs/lightningdit.py:xl1_64ep", "--workdir", "/mnt/b/runs/xl1",
+                   "--env", "TFDS_DATA_DIR=/mnt/b/my data", "--",
                    "--config.name=two words", "--config.note=$HOME", "--config.seed=1")
     remote = ("cd vavae-lightningdit-jax || exit 1; "
-              "JAX_DISTRIBUTED=1 TFDS_DATA_DIR='gs://b/my data' nohup .venv/bin/python -m "
-              "launch.train --config=configs/lightningdit.py:xl1_64ep --workdir=gs://b/runs/xl1 "
+              "JAX_DISTRIBUTED=1 TFDS_DATA_DIR='/mnt/b/my data' nohup .venv/bin/python -m "
+              "launch.train --config=configs/lightningdit.py:xl1_64ep --workdir=/mnt/b/runs/xl1 "
               "'--config.name=two words' '--config.note=$HOME' --config.seed=1 "
               '> ~/train.log 2>&1 < /dev/null & echo "$(hostname): started pid $!, log in '
               '~/train.log"')
@@ -109,6 +109,8 @@ def test_run_rejects_bad_env_and_extra_args_elsewhere():
     with pytest.raises(pod.PodError, match="KEY=VALUE"):
         commands("run", "--name", "t", "--zone", "z", "--config", "c", "--workdir", "w",
                  "--env", "NOEQUALS")
+    with pytest.raises(pod.PodError, match="gs://b/xl1: training writes through the file system"):
+        commands("run", "--name", "t", "--zone", "z", "--config", "c", "--workdir", "gs://b/xl1")
     with pytest.raises(SystemExit):
         pod.parse_args(["tail", "--name", "t", "--zone", "z", "--", "--config.x=1"])
 

@@ -348,6 +348,11 @@ def test_train_cli_user_mistake_is_one_line(tmp_path):
         '"hidden_size" instead of "hiden_size"?')
     assert last_line(*tiny, "--config.total_steps=abc") == (
         "error: flag --config.total_steps=abc: invalid literal for int() with base 10: 'abc'")
+    # a bucket URL would be written as a local folder 'gs:' (the commands use the file system)
+    assert last_line(*tiny, "--workdir", "gs://b/run").startswith(
+        "error: flag --workdir=gs://b/run: is a URL; the commands read and write files through "
+        "the file system")
+    assert not os.path.exists(os.path.join(REPO, "gs:"))
 
 
 def test_checkpoints_of_another_config_are_an_error_not_a_fresh_start(latents, uninterrupted,

@@ -8,7 +8,7 @@ the standard library, so it runs from the repo root with any Python 3.11:
     python -m launch.tpu.pod setup --name my-tpu --zone us-west4-a --repo https://github.com/ORG/REPO
     python -m launch.tpu.pod setup --name my-tpu --zone us-west4-a --copy_from .
     python -m launch.tpu.pod run --name my-tpu --zone us-west4-a \\
-        --config configs/lightningdit.py:xl1_64ep --workdir gs://bucket/runs/xl1 -- --config.seed=1
+        --config configs/lightningdit.py:xl1_64ep --workdir /mnt/shared/runs/xl1 -- --config.seed=1
     python -m launch.tpu.pod tail --name my-tpu --zone us-west4-a --worker 0
     python -m launch.tpu.pod delete --name my-tpu --zone us-west4-a
 
@@ -104,6 +104,10 @@ def run_commands(args: argparse.Namespace) -> list[list[str]]:
         if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key):
             raise PodError(f"--env expects KEY=VALUE, got {item!r}")
         env.append(f"{key}={shlex.quote(value)}")  # a quoted `'K=V'` would not be an assignment
+    if "://" in args.workdir:
+        raise PodError(f"--workdir {args.workdir}: training writes through the file system; give "
+                       "a path that every worker reaches (a shared file system or a bucket "
+                       "mounted at the same path on each, e.g. /mnt/shared/runs/xl1)")
     train = [".venv/bin/python", "-m", "launch.train", f"--config={args.config}",
              f"--workdir={args.workdir}", *args.extra]
     # nohup, redirected output and stdin from /dev/null let ssh return while training goes on.
@@ -159,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common, checkout],
                          help="start training on every worker (arguments after -- go to it)")
     run.add_argument("--config", required=True, help="e.g. configs/lightningdit.py:xl1_64ep")
-    run.add_argument("--workdir", required=True, help="e.g. gs://bucket/runs/xl1")
+    run.add_argument("--workdir", required=True,
+                     help="a path every worker reaches, e.g. /mnt/shared/runs/xl1")
     run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                      help="extra environment variable for training (repeatable)")
 
