@@ -5,7 +5,9 @@
   samples than the 2048 feature dimensions) give a finite, correct value instead of the complex
   or NaN results `scipy.linalg.sqrtm` can return.
 - `precision_recall`: improved precision / recall (Kynkaanniemi et al. 2019) with k-NN balls
-  (k = 3) as the ADM evaluator computes them; distances in JAX, in blocks.
+  (k = 3) as the ADM evaluator computes them; distances in JAX, in blocks, in float32 (ADM's
+  `DistanceBlock` computes them in float16 unless that overflows, which moves borderline
+  points across a ball's edge: expect differences in the third decimal).
 - `inception_score`: exp(E KL(p(y|x) || p(y))) averaged over splits, as the ADM evaluator.
 """
 

@@ -5,6 +5,7 @@
     # ADM-format batch for the paper's FID, from a released checkpoint (or a training workdir)
     python -m launch.sample --config configs/lightningdit.py:xl1_800ep --workdir runs/fid50k \
         --checkpoint lightningdit-xl-imagenet256-800ep.pt \
+        --config.tokenizer.variant long_stage3 \
         --config.tokenizer.checkpoint vavae-imagenet256-f16d32-dinov2.pt \
         --config.latent_stats latents_stats.pt \
         --num_samples 50000 --config.sample.batch_size 256
@@ -51,6 +52,7 @@ _MAX_CHUNKS = flags.DEFINE_integer("max_chunks", None,
                                    lower_bound=1)
 _GRID = flags.DEFINE_integer("grid", 64, "Samples shown in samples.png (0: none).",
                              lower_bound=0)
+cli.path_flag("workdir")
 
 
 def main(argv):

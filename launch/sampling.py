@@ -5,7 +5,9 @@ calls it). What a run is:
 
 - Sample i has its own noise, keyed by `fold_in(key, i)`, and its own label from one draw of
   all N labels (`class_labels`: random classes as upstream's inference, or balanced). So the
-  images do not depend on the batch size, the chunking or the number of devices and hosts.
+  images do not depend on the batch size, the chunking or the number of devices and hosts
+  (with the ODE samplers: the SDE's per-step noise is drawn per batch, keyed by its first
+  index, so `euler_maruyama` images depend on the batch size).
 - A global batch of `batch_size` samples is sharded over every device of every process; one
   jitted program integrates the ODE/SDE, de-normalises the latents with the training
   statistics, decodes them with the VA-VAE and converts to uint8 as upstream writes PNGs.
@@ -157,7 +159,13 @@ def generate(generate_fn: Callable, params, decoder_params, labels: np.ndarray, 
     `generate_fn` comes from `make_generate`; `labels` holds all N labels. `max_chunks` stops
     after that many new chunks (to split a long job over time slots)."""
     os.makedirs(os.path.join(workdir, CHUNK_DIR), exist_ok=True)
-    missing = [k for k in range(plan.num_chunks) if not os.path.exists(chunk_path(workdir, k))]
+    done = np.array([os.path.exists(chunk_path(workdir, k)) for k in range(plan.num_chunks)],
+                    np.int32)
+    if jax.process_count() > 1:  # process 0 writes the chunks: its view decides for all
+        from jax.experimental import multihost_utils
+
+        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    missing = [k for k in range(plan.num_chunks) if not done[k]]
     todo = missing if max_chunks is None else missing[:max_chunks]
     done_before = plan.num_chunks - len(missing)
     if done_before:
@@ -287,6 +295,11 @@ def build_decoder(config, mesh, latent_channels: int | None = None):
     `config.tokenizer`, or (None, None) without one; `latent_channels`: what the DiT makes,
     checked against the tokenizer's."""
     if not config.tokenizer.variant:
+        if config.tokenizer.checkpoint:  # the weights alone would be ignored: latents come out
+            raise cli.UserError(
+                f"config.tokenizer.checkpoint {config.tokenizer.checkpoint!r} needs "
+                f"config.tokenizer.variant, the configs/vavae.py variant of those weights "
+                f"(long_stage3 for the released vavae-imagenet256-f16d32-dinov2.pt)")
         return None, None
     from configs.vavae import get_config
     from launch.data.extraction import load_autoencoder_params
@@ -309,6 +322,9 @@ def run_sampling(config, workdir: str, *, checkpoint: str | None, num_samples: i
                  chunk_size: int = 1024, max_chunks: int | None = None,
                  grid: int = 64) -> dict:
     """Everything the command does (see the module docstring); returns its summary."""
+    if "://" in workdir:  # os.makedirs would make a local directory named 'gs:'
+        raise cli.UserError(f"--workdir {workdir}: sampling writes through the local file "
+                            f"system; give a path (a local disk, NFS or a gcsfuse mount)")
     os.makedirs(workdir, exist_ok=True)
     model = build.dit_model(config)
     mesh = sharding.create_mesh(dict(config.mesh))
@@ -337,8 +353,11 @@ def run_sampling(config, workdir: str, *, checkpoint: str | None, num_samples: i
         raise cli.UserError(f"the latent statistics ({source}) have shape "
                             f"{np.shape(stats[0])}; the model takes {model.in_channels} "
                             f"channels (config.model.in_channels)")
+    dtype = config.model.get("dtype", "float32")
     layout = {
-        "model": config.model.variant,
+        # the compute dtype changes the images (float32 runs keep the name alone, as before)
+        "model": config.model.variant if dtype == "float32" else f"{config.model.variant} "
+                                                                 f"({dtype})",
         "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
         "tokenizer": [config.tokenizer.variant, config.tokenizer.checkpoint],
         "latent_stats": None if stats is None else [float(np.sum(stats[0])),

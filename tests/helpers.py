@@ -86,11 +86,12 @@ def run_module(*args: str, timeout: int = 300) -> str:
 
 
 def run_processes(argv: list[str], num_processes: int = 2, devices_per_process: int = 2,
-                  timeout: int = 300, as_flags: bool = False) -> list[str]:
+                  timeout: int = 300, as_flags: bool = False,
+                  process_args=None) -> list[str]:
     """Run `argv` (after the python executable) as a real multi-process JAX job on this host:
     `num_processes` CPU processes joined through launch.distributed (told by environment
     variables, or by --coordinator_address / --num_processes / --process_id flags when
-    `as_flags`); returns their stdouts."""
+    `as_flags`); `process_args(i)` adds arguments to process i's; returns their stdouts."""
     import socket
 
     with socket.socket() as s:
@@ -108,6 +109,8 @@ def run_processes(argv: list[str], num_processes: int = 2, devices_per_process: 
         else:
             args = list(argv)
             env.update({f"JAX_{k.upper()}": str(v) for k, v in where.items()})
+        if process_args is not None:
+            args += list(process_args(i))
         procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     outputs = []

@@ -49,6 +49,8 @@ def test_sampling_mistakes_are_user_errors_that_leave_no_layout(tmp_path):
 
     run = lambda c, **kw: sampling.run_sampling(c, str(tmp_path / "s"),  # noqa: E731
                                                 checkpoint=None, num_samples=2, **kw)
+    with pytest.raises(UserError, match="sampling writes through the local file system"):
+        sampling.run_sampling(config(), "gs://bucket/fid50k", checkpoint=None, num_samples=2)
     with pytest.raises(UserError, match="--labels a,1: class indices are integers"):
         run(config(), labels=["a", "1"])
     bad = config()
@@ -67,6 +69,10 @@ def test_sampling_mistakes_are_user_errors_that_leave_no_layout(tmp_path):
     tokenizer.tokenizer.variant = "tiny"  # 4-channel latents
     with pytest.raises(UserError, match="decodes 4-channel latents; the model makes 8"):
         sampling.build_decoder(tokenizer, mesh=None, latent_channels=8)
+    weights_only = config()
+    weights_only.tokenizer.checkpoint = "vavae-imagenet256-f16d32-dinov2.pt"
+    with pytest.raises(UserError, match="needs config.tokenizer.variant"):  # not latents
+        sampling.build_decoder(weights_only, mesh=None)
     tokenizer.tokenizer.variant = "nope"
     with pytest.raises(UserError, match="config.tokenizer.variant: unknown config variant"):
         sampling.build_decoder(tokenizer, mesh=None)
@@ -75,6 +81,19 @@ def test_sampling_mistakes_are_user_errors_that_leave_no_layout(tmp_path):
         sampling.run_sampling(config(), str(tmp_path / "s"), checkpoint=str(tmp_path / "junk.pt"),
                               num_samples=2)
     assert not (tmp_path / "s" / sampling.LAYOUT_FILE).exists()
+
+
+def test_a_rerun_with_another_model_dtype_is_refused(tmp_path):
+    """The compute dtype changes the images: chunks of both must not mix."""
+    from configs.lightningdit import get_config
+    from launch.cli import UserError
+
+    config = get_config("tiny")
+    config.sample.update(num_steps=2, batch_size=8)
+    sampling.run_sampling(config, str(tmp_path), checkpoint=None, num_samples=8, grid=0)
+    config.model.dtype = "bfloat16"
+    with pytest.raises(UserError, match=r"model: \['tiny'\] there vs \['tiny \(bfloat16\)'\]"):
+        sampling.run_sampling(config, str(tmp_path), checkpoint=None, num_samples=8, grid=0)
 
 
 TINY = ["launch.sample", "--config", "configs/lightningdit.py:tiny", "--num_samples", "20",
@@ -126,6 +145,19 @@ def test_two_processes_sample_like_one(one_run, tmp_path):
     images of a one-process run (up to rounding of the differently sharded computation)."""
     run_processes(["-m", *TINY, "--workdir", str(tmp_path), "--chunk_size", "8"])
     with np.load(tmp_path / "samples.npz") as a, np.load(one_run / "samples.npz") as b:
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+        diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
+        assert a["arr_0"].shape == (20, 32, 32, 3) and diff.max() <= 1 and diff.mean() < 0.01
+
+
+def test_hosts_without_a_shared_workdir_resume(one_run, tmp_path):
+    """Process 0 writes the chunks; a rerun follows its view of which exist, also when the
+    other processes' workdir (another host's disk) holds none (they used to hang)."""
+    workdir = lambda i: ["--workdir", str(tmp_path / f"host{i}")]  # noqa: E731
+    run_processes(["-m", *TINY, "--chunk_size", "8", "--max_chunks", "1"], process_args=workdir)
+    run_processes(["-m", *TINY, "--chunk_size", "8"], process_args=workdir)
+    assert not list((tmp_path / "host1" / "chunks").iterdir())
+    with np.load(tmp_path / "host0" / "samples.npz") as a, np.load(one_run / "samples.npz") as b:
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
         diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
         assert a["arr_0"].shape == (20, 32, 32, 3) and diff.max() <= 1 and diff.mean() < 0.01
