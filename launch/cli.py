@@ -11,8 +11,10 @@ a command that will run on the CPU restarts itself once with glibc's huge-page t
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections.config_flags.config_flags import is_config_flag
@@ -56,6 +58,8 @@ def run(main) -> None:
         try:
             return main(argv)
         except Exception as e:
+            if _joined_a_process_group():
+                _leave_process_group(e)
             if not isinstance(e, user_errors()):
                 raise
             _exit(str(e))
@@ -63,6 +67,27 @@ def run(main) -> None:
     host_memory.use_huge_pages()
     xla_cpu.add_cpu_flags()
     app.run(guarded, flags_parser=parse_flags)
+
+
+def _joined_a_process_group() -> bool:
+    jax = sys.modules.get("jax")  # not imported: no process group
+    return jax is not None and jax.distributed.is_initialized()
+
+
+def _leave_process_group(error: Exception) -> None:
+    """Print `error` (one line, or the traceback of a bug) and exit at once. A normal exit waits
+    at jax.distributed's shutdown barrier (5 minutes) for the other processes, which are waiting
+    in a collective for this one; gone, it is noticed by the coordination service, which stops
+    them within its heartbeat timeout (100 s)."""
+    if isinstance(error, user_errors()):
+        print(f"error: {error}", file=sys.stderr)
+    else:
+        traceback.print_exc()
+    print(f"error: process {sys.modules['jax'].process_index()} stopped; the others stop when "
+          "the coordination service notices (up to 100 s)", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _exit(message: str) -> None:

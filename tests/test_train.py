@@ -259,6 +259,56 @@ def test_two_processes_train_like_one_process_with_two_devices(latents, tmp_path
     assert os.listdir(tmp_path / "two" / "images") == ["samples_00000003.png"]
 
 
+# launch.train with process 1's input failing at its third batch (a DataError mid-run)
+_FAILING_PROCESS_1 = """
+import runpy, sys
+from launch.data import pipeline
+from launch.data.sources import DataError
+if "--process_id=1" in sys.argv:
+    def next_batch(self, original=pipeline.GlobalBatchIterator.__next__):
+        if self.step >= 2:
+            raise DataError("too many undecodable items (injected)")
+        return original(self)
+    pipeline.GlobalBatchIterator.__next__ = next_batch
+sys.argv = ["launch.train", *sys.argv[1:]]
+runpy.run_module("launch.train", run_name="__main__")
+"""
+
+
+def test_a_process_that_fails_mid_run_stops_the_others(latents, tmp_path):
+    """A user error on one host: it prints its line and leaves at once, and the others stop
+    (before, it waited at jax.distributed's 5-minute shutdown barrier while the others waited
+    for it in a collective)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO, xla_flags
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1), PYTHONPATH=str(REPO))
+    start, procs = time.monotonic(), []
+    for i in range(2):
+        argv = [sys.executable, "-c", _FAILING_PROCESS_1, "--config",
+                "configs/lightningdit.py:tiny", f"--config.data.path={latents}",
+                "--config.data.prepare=", "--config.total_steps=6", "--config.sample_every=0",
+                "--workdir", str(tmp_path), f"--coordinator_address=localhost:{port}",
+                "--num_processes=2", f"--process_id={i}"]
+        procs.append(subprocess.Popen(argv, cwd=REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = [proc.communicate(timeout=240) for proc in procs]
+    assert time.monotonic() - start < 200  # the barrier alone took 300 s
+    assert [proc.returncode for proc in procs] == [1, 1]
+    lines = results[1][1].strip().splitlines()
+    assert lines[-2:] == ["error: too many undecodable items (injected)",
+                          "error: process 1 stopped; the others stop when the coordination "
+                          "service notices (up to 100 s)"]
+    assert "Traceback" not in results[1][1]
+
+
 def test_gradient_accumulation_through_the_loop(latents, uninterrupted, tmp_path):
     straight, _ = uninterrupted
     summary = train(config(latents, total_steps=3, **{"train.grad_accum_steps": 2}),
