@@ -299,7 +299,11 @@ def test_a_process_that_fails_mid_run_stops_the_others(latents, tmp_path):
                 "--num_processes=2", f"--process_id={i}"]
         procs.append(subprocess.Popen(argv, cwd=REPO, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    results = [proc.communicate(timeout=240) for proc in procs]
+    try:
+        results = [proc.communicate(timeout=240) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
     assert time.monotonic() - start < 200  # the barrier alone took 300 s
     assert [proc.returncode for proc in procs] == [1, 1]
     lines = results[1][1].strip().splitlines()
