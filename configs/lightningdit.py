@@ -69,7 +69,7 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
         "lr": 2e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0,
         "max_grad_norm": 0.0, "warmup_steps": 0, "decay": "constant", "decay_steps": 0,
         "final_lr_fraction": 0.0})
-    # grad_accum_steps k: each step sums the gradients of k micro-batches of the global batch
+    # grad_accum_steps k: each step averages the gradients of k micro-batches of the global batch
     # (same loss and randomness as one big batch; k times less activation memory)
     config.train = ml_collections.ConfigDict(
         {"global_batch_size": 1024, "ema_decay": 0.9999, "grad_accum_steps": 1})

@@ -8,7 +8,8 @@ the standard library, so it runs from the repo root with any Python 3.11:
     python -m launch.tpu.pod setup --name my-tpu --zone us-west4-a --repo https://github.com/ORG/REPO
     python -m launch.tpu.pod setup --name my-tpu --zone us-west4-a --copy_from .
     python -m launch.tpu.pod run --name my-tpu --zone us-west4-a \\
-        --config configs/lightningdit.py:xl1_64ep --workdir /mnt/shared/runs/xl1 -- --config.seed=1
+        --config configs/lightningdit.py:xl1_64ep --workdir /mnt/shared/runs/xl1 \\
+        -- --config.data.path /mnt/shared/latents/imagenet_train_256
     python -m launch.tpu.pod tail --name my-tpu --zone us-west4-a --worker 0
     python -m launch.tpu.pod delete --name my-tpu --zone us-west4-a
 
