@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections.config_flags.config_flags import is_config_flag
 
 from launch import host_memory, xla_cpu
-from launch.data.sources import DataError
+from launch.data.sources import DataError, is_url
 
 
 class UserError(ValueError):
@@ -44,11 +44,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def path_flag(name: str) -> None:
-    """Refuse a URL (gs://..., s3://...) as flag `name`: the commands read and write through the
-    file system, where one would become a local folder named 'gs:'. A bucket is used through a
-    mount (gcsfuse) or a shared file system."""
+    """Refuse a URL (`is_url`) as flag `name`; a bucket is used through a mount (gcsfuse) or a
+    shared file system."""
     flags.register_validator(
-        name, lambda value: value is None or "://" not in value,
+        name, lambda value: value is None or not is_url(value),
         message="is a URL; the commands read and write files through the file system: give a "
                 "path (a local disk, or shared storage mounted at the same path on every host)")
 

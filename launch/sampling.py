@@ -34,6 +34,7 @@ from flax import linen as nn
 
 from launch import build, cli, params_io, sharding
 from launch import images as image_grids
+from launch.data.sources import is_url
 
 LAYOUT_FILE = "sampling.json"
 OLD_LAYOUT_FILE = "json"  # the name in runs of 2026-11 (read when LAYOUT_FILE is absent)
@@ -322,7 +323,7 @@ def run_sampling(config, workdir: str, *, checkpoint: str | None, num_samples: i
                  chunk_size: int = 1024, max_chunks: int | None = None,
                  grid: int = 64) -> dict:
     """Everything the command does (see the module docstring); returns its summary."""
-    if "://" in workdir:  # os.makedirs would make a local directory named 'gs:'
+    if is_url(workdir):
         raise cli.UserError(f"--workdir {workdir}: sampling writes through the local file "
                             f"system; give a path (a local disk, NFS or a gcsfuse mount)")
     os.makedirs(workdir, exist_ok=True)

@@ -87,11 +87,13 @@ def run_module(*args: str, timeout: int = 300) -> str:
 
 def run_processes(argv: list[str], num_processes: int = 2, devices_per_process: int = 2,
                   timeout: int = 300, as_flags: bool = False,
-                  process_args=None) -> list[str]:
+                  process_args=None, check: bool = True) -> list:
     """Run `argv` (after the python executable) as a real multi-process JAX job on this host:
     `num_processes` CPU processes joined through launch.distributed (told by environment
     variables, or by --coordinator_address / --num_processes / --process_id flags when
-    `as_flags`); `process_args(i)` adds arguments to process i's; returns their stdouts."""
+    `as_flags`); `process_args(i)` adds arguments to process i's; returns their stdouts, or
+    with `check=False` each one's (returncode, stdout, stderr) whatever its status. Processes
+    still running when this returns or fails are killed."""
     import socket
 
     with socket.socket() as s:
@@ -113,12 +115,16 @@ def run_processes(argv: list[str], num_processes: int = 2, devices_per_process: 
             args += list(process_args(i))
         procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    outputs = []
-    for i, proc in enumerate(procs):
-        out, err = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, f"process {i}: {err[-3000:]}"
-        outputs.append(out)
-    return outputs
+    results = []
+    try:
+        for i, proc in enumerate(procs):
+            out, err = proc.communicate(timeout=timeout)
+            assert not check or proc.returncode == 0, f"process {i}: {err[-3000:]}"
+            results.append((proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            proc.kill()
+    return [out for _, out, _ in results] if check else results
 
 
 def manifest_pattern(key: str) -> str:

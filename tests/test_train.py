@@ -279,38 +279,23 @@ def test_a_process_that_fails_mid_run_stops_the_others(latents, tmp_path):
     """A user error on one host: it prints its line and leaves at once, and the others stop
     (before, it waited at jax.distributed's 5-minute shutdown barrier while the others waited
     for it in a collective)."""
-    import socket
-    import subprocess
-    import sys
     import time
 
-    from helpers import REPO, xla_flags
+    from helpers import run_processes
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1), PYTHONPATH=str(REPO))
-    start, procs = time.monotonic(), []
-    for i in range(2):
-        argv = [sys.executable, "-c", _FAILING_PROCESS_1, "--config",
-                "configs/lightningdit.py:tiny", f"--config.data.path={latents}",
-                "--config.data.prepare=", "--config.total_steps=6", "--config.sample_every=0",
-                "--workdir", str(tmp_path), f"--coordinator_address=localhost:{port}",
-                "--num_processes=2", f"--process_id={i}"]
-        procs.append(subprocess.Popen(argv, cwd=REPO, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    try:
-        results = [proc.communicate(timeout=240) for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
+    start = time.monotonic()
+    results = run_processes(
+        ["-c", _FAILING_PROCESS_1, "--config", "configs/lightningdit.py:tiny",
+         f"--config.data.path={latents}", "--config.data.prepare=", "--config.total_steps=6",
+         "--config.sample_every=0", "--workdir", str(tmp_path)],
+        devices_per_process=1, timeout=240, as_flags=True, check=False)
     assert time.monotonic() - start < 200  # the barrier alone took 300 s
-    assert [proc.returncode for proc in procs] == [1, 1]
-    lines = results[1][1].strip().splitlines()
+    assert [returncode for returncode, _, _ in results] == [1, 1]
+    lines = results[1][2].strip().splitlines()
     assert lines[-2:] == ["error: too many undecodable items (injected)",
                           "error: process 1 stopped; the others stop when the coordination "
                           "service notices (up to 100 s)"]
-    assert "Traceback" not in results[1][1]
+    assert "Traceback" not in results[1][2]
 
 
 def test_gradient_accumulation_through_the_loop(latents, uninterrupted, tmp_path):

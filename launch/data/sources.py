@@ -21,10 +21,15 @@ class DataError(ValueError):
     """A user-facing data problem: wrong path, no classes, too many undecodable items, ..."""
 
 
+def is_url(path: str) -> bool:
+    """gs://..., s3://...: not a path. Everything here reads and writes through the file system,
+    where such a name would not be found, or would be written as a local folder named 'gs:'."""
+    return "://" in path
+
+
 def reject_url(path: str, what: str) -> None:
-    """Data is read (and shards written) through the local filesystem: a URL such as gs://...
-    would not be found, or would be written as a local folder named 'gs:'."""
-    if "://" in path:
+    """A `DataError` for a URL (see `is_url`) given as data to read or shards to write."""
+    if is_url(path):
         raise DataError(f"{what} {path!r} is a URL: data is read and written through the local "
                         "filesystem only; mount the bucket (e.g. gcsfuse) and pass the mount path")
 

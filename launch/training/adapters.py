@@ -32,11 +32,11 @@ def forward_flops(fn, *abstract_args) -> float:
     return float(analysis["flops"]) if analysis and "flops" in analysis else float("nan")
 
 
-
 def _copy(tree):
     """Fresh buffers with the same shardings: the step donates params and EMA, and one buffer
     cannot be donated twice."""
     return jax.tree.map(lambda x: x.copy(), tree)
+
 
 class LightningDiTAdapter:
     """Rectified-flow LightningDiT on latents (`config.data` = a latent directory)."""
@@ -79,21 +79,20 @@ class LightningDiTAdapter:
         data = self.config.data
         if not data.get("prepare"):
             return
-        from launch.data import extraction
+        from launch.data import extraction, latents
 
         done = os.path.exists(os.path.join(data.path, extraction.SUMMARY_FILE))
         # latents made elsewhere (upstream's extraction: statistics, no layout file of ours)
-        foreign = (os.path.exists(os.path.join(data.path, "latents_stats.pt"))
+        foreign = (os.path.exists(os.path.join(data.path, latents.STATS_FILE))
                    and not os.path.exists(os.path.join(data.path, extraction.LAYOUT_FILE)))
         if done or foreign:
             return  # an extraction of ours killed before its summary is resumed below
         from configs.vavae import get_config as vavae_config
-        from launch.data.extraction import extract_latents
 
         logging.info("no finished latents at %s: extracting them with configs/vavae.py:%s",
                      data.path, data.prepare)
-        extract_latents(vavae_config(data.prepare), data.path,
-                        data.get("prepare_checkpoint") or None)
+        extraction.extract_latents(vavae_config(data.prepare), data.path,
+                                   data.get("prepare_checkpoint") or None)
 
     def make_iterator(self, *, global_batch_size: int, mesh):
         from launch.data.latents import make_latent_iterator
