@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from dit_jax.ops import dense_matmul, dot_product_attention
+from dit_jax.ops import dense_matmul, dot_product_attention, unstack
 
 Dtype = jnp.dtype
 Initializer = Callable[..., jax.Array]
@@ -192,11 +192,14 @@ def rope_tables(head_dim: int, grid_size: int) -> tuple[np.ndarray, np.ndarray]:
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate adjacent channel pairs: x (B, T, H, hd), tables (T, hd).
 
-    ``x * cos + rotate_half(x) * sin`` with rotate_half (x0, x1) -> (-x1, x0) on pairs (2i, 2i+1).
+    ``x * cos + rotate_half(x) * sin`` with rotate_half (x0, x1) -> (-x1, x0) on pairs (2i, 2i+1),
+    computed as ``x * cos + swap_pairs(x) * (sin * (-1, 1, -1, 1, ...))``: the same products
+    (negation is exact), and the backward of a reversal is a reversal, where JAX's rule for
+    rotate_half's slices and stack pads and sums (in bf16 a slower gradient).
     """
-    pairs = x.reshape(*x.shape[:-1], -1, 2)
-    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    swapped = x.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+    signed_sin = sin * jnp.tile(jnp.asarray([-1, 1], sin.dtype), sin.shape[-1] // 2)
+    return x * cos[:, None, :] + swapped * signed_sin[:, None, :]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +324,7 @@ class Attention(nn.Module):
         h, hd = self.num_heads, d // self.num_heads
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = Dense((3, h, hd), ("embed", None, "heads", "kv"), name="qkv", **kw)(x)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, H, hd)
+        q, k, v = unstack(qkv, 2)  # each (B, T, H, hd)
         if self.use_qknorm:
             if self.use_rmsnorm:
                 q = RMSNorm(1e-6, name="q_norm", **kw)(q)
@@ -348,7 +351,8 @@ class SwiGLUFFN(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x12 = Dense((2, self.hidden_features), ("embed", None, "mlp"), name="w12", **kw)(x)
-        hidden = nn.silu(x12[..., 0, :]) * x12[..., 1, :]
+        x1, x2 = unstack(x12, x12.ndim - 2)
+        hidden = nn.silu(x1) * x2
         hidden = nn.with_logical_constraint(hidden, ("act_batch", "act_len", "act_mlp"))
         return Dense((x.shape[-1],), ("mlp", "embed"), name="w3", **kw)(hidden)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dit_jax import LightningDiT, ops
+from dit_jax.layers import apply_rope, rope_tables
 from dit_jax.ops import dense_matmul, dot_product_attention
 
 
@@ -118,9 +119,9 @@ def _transposed_shapes(fn, *args) -> list:
 
 @pytest.mark.parametrize("native", [True, False])
 def test_float32_kernels_take_transposed_operands(native, monkeypatch):
-    """In float32 kernels dx = g . w^T is one dot with no transpose of the weight (YNNPACK
-    packs it at full rate) and the attention transposes nothing; the bf16 kernels get
-    row-major operands, and in the attention never a transposed (T, T) one."""
+    """dx = g . w^T is one dot with no transpose of the weight in every kernel (YNNPACK packs
+    it at full rate, bf16 ones included); in float32 kernels the attention transposes nothing,
+    while the bf16 kernels get row-major operands there, and never a transposed (T, T) one."""
     monkeypatch.setattr(ops, "cpu_has_bf16_dots", lambda: native)
     x = jax.random.normal(jax.random.key(0), (40, 24)).astype(jnp.bfloat16)
     kernel = jax.random.normal(jax.random.key(1), (24, 16))
@@ -129,8 +130,9 @@ def test_float32_kernels_take_transposed_operands(native, monkeypatch):
         y, vjp = jax.vjp(lambda x, k: dense_matmul(x, k, 1), x, kernel)
         return vjp(jnp.ones_like(y))
 
-    # dkernel transposes x (the smaller side) either way; dx adds the weight for bf16 only.
-    assert len(_transposed_shapes(dense_fwd_bwd, x, kernel)) == (2 if native else 1)
+    # dkernel transposes x (the smaller side); dx transposes nothing.
+    shapes = _transposed_shapes(dense_fwd_bwd, x, kernel)
+    assert len(shapes) == 1 and shapes[0].startswith("tensor<24x40x"), shapes
 
     q, k, v = (jax.random.normal(jax.random.key(i), (3, 10, 4)) for i in range(3))
 
@@ -162,6 +164,59 @@ def test_attention_runs_in_one_chunk_per_image():
     whole = jax.nn.dot_product_attention(q, k, v, implementation="xla")
     np.testing.assert_allclose(jax.jit(dot_product_attention)(q, k, v), whole, rtol=1e-5,
                                atol=1e-6)
+
+
+def _count_ops(fn, name, *args) -> int:
+    """How many `name` ops (e.g. "pad") fn's lowered program holds."""
+    return jax.jit(fn).lower(*args).as_text().count(f"stablehlo.{name}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunked_attention_and_unstack_gradients_stack(dtype):
+    """The chunks' and q / k / v's gradients are stacked (one concatenation), not padded to
+    full size and summed as JAX's rule for slices does, and equal autodiff of the plain ops."""
+    qkv = jax.random.normal(jax.random.key(0), (8, 256, 3, 4, 8)).astype(dtype)
+    g = jax.random.normal(jax.random.key(1), (8, 256, 4, 8)).astype(dtype)
+
+    def ours(qkv):
+        q, k, v = ops.unstack(qkv, 2)
+        return dot_product_attention(q, k, v, "explicit").astype(jnp.float32)
+
+    def plain(qkv):
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        return dot_product_attention(q, k, v, "explicit").astype(jnp.float32)
+
+    def grad(fn):
+        return lambda qkv: jax.vjp(fn, qkv)[1](g.astype(jnp.float32))[0]
+
+    assert ops.attention_chunks(8, 4, 256) == 8
+    assert _count_ops(grad(ours), "pad", qkv) == 0
+    assert _count_ops(grad(plain), "pad", qkv) > 0  # the control: JAX's own rule pads
+    np.testing.assert_array_equal(jax.jit(grad(ours))(qkv), jax.jit(grad(plain))(qkv))
+
+
+def _rotate_half_rope(x, cos, sin):
+    """Upstream's form: x * cos + rotate_half(x) * sin, rotate_half (x0, x1) -> (-x1, x0)."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rope_equals_rotate_half_exactly(dtype):
+    """apply_rope's signed-sin form gives upstream's products bit for bit (negation is
+    exact), and so does its gradient, whose program has no pad."""
+    cos, sin = (jnp.asarray(a).astype(dtype) for a in rope_tables(8, 4))
+    x = jax.random.normal(jax.random.key(0), (2, 16, 3, 8)).astype(dtype)
+    g = jax.random.normal(jax.random.key(1), x.shape).astype(dtype)
+    ours, theirs = (jax.jit(lambda x, f=f: jax.vjp(lambda x: f(x, cos, sin), x))
+                    for f in (apply_rope, _rotate_half_rope))
+    (y, vjp), (y_ref, vjp_ref) = ours(x), theirs(x)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0], np.float32),
+                                  np.asarray(vjp_ref(g)[0], np.float32))
+    assert _count_ops(lambda x: jax.vjp(lambda x: apply_rope(x, cos, sin), x)[1](g), "pad",
+                      x) == 0
 
 
 def _dot_operand_types(fn, *args) -> set:
