@@ -333,8 +333,11 @@ class Attention(nn.Module):
                 q = LayerNorm(1e-5, affine=True, name="q_norm", **kw)(q)
                 k = LayerNorm(1e-5, affine=True, name="k_norm", **kw)(k)
         if rope is not None:
-            cos, sin = (r.astype(self.dtype) for r in rope)
+            # float32 tables, as upstream's buffers: under autocast torch promotes a bf16 q / k
+            # to float32 here and rounds once, where the attention casts to bf16
+            cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = q.astype(self.dtype), k.astype(self.dtype)
         q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", None))
         o = dot_product_attention(q, k, v, implementation=self.attention_impl)
         return Dense((d,), ("heads", "kv", "embed"), in_ndim=2, name="proj", **kw)(o)
@@ -352,7 +355,9 @@ class SwiGLUFFN(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x12 = Dense((2, self.hidden_features), ("embed", None, "mlp"), name="w12", **kw)(x)
         x1, x2 = unstack(x12, x12.ndim - 2)
-        hidden = nn.silu(x1) * x2
+        # silu computed in float32 and rounded once, as torch's bf16 kernel (and faster than
+        # rounding every step of it)
+        hidden = nn.silu(x1.astype(jnp.float32)).astype(x1.dtype) * x2
         hidden = nn.with_logical_constraint(hidden, ("act_batch", "act_len", "act_mlp"))
         return Dense((x.shape[-1],), ("mlp", "embed"), name="w3", **kw)(hidden)
 

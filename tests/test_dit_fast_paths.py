@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dit_jax import LightningDiT, ops
-from dit_jax.layers import apply_rope, rope_tables
+from dit_jax.layers import SwiGLUFFN, apply_rope, rope_tables
 from dit_jax.ops import dense_matmul, dot_product_attention
 
 
@@ -256,3 +256,20 @@ def test_cpu_has_bf16_dots_reads_cpuinfo(tmp_path):
         path.write_text(text)
         assert ops.cpu_has_bf16_dots(str(path)) is expected, text
     assert ops.cpu_has_bf16_dots(str(tmp_path / "missing")) is None
+
+
+def test_bfloat16_swiglu_rounds_as_torch():
+    """In bf16 the SwiGLU hidden layer is torch's bf16 `F.silu(x1) * x2` bit for bit (silu
+    computed in float32 and rounded once, then the rounded product), here with identity
+    w12 / w3 kernels so that the matmuls pass their inputs through exactly."""
+    torch = pytest.importorskip("torch")
+    d = 16
+    x = jax.random.normal(jax.random.key(0), (2, 5, d)).astype(jnp.bfloat16)
+    eye = jnp.eye(d)
+    params = {"w12": {"kernel": jnp.stack([eye, eye], axis=1), "bias": jnp.zeros((2, d))},
+              "w3": {"kernel": eye, "bias": jnp.zeros((d,))}}
+    ffn = SwiGLUFFN(hidden_features=d, dtype=jnp.bfloat16)
+    ours = jax.jit(lambda x: ffn.apply({"params": params}, x))(x)
+    xt = torch.from_numpy(np.asarray(x, np.float32)).to(torch.bfloat16)
+    want = (torch.nn.functional.silu(xt) * xt).float().numpy()
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), want)
