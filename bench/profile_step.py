@@ -42,7 +42,8 @@ from bench.train_step import compiled_step
 KINDS = ("convolution", "dot", "reduce-window", "reduce", "transpose")
 CONTROL_FLOW = ("while", "conditional", "call")  # their events enclose the ops they run
 
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*?\{\n(.*?)\n\}", re.S | re.M)
+# a computation's header is "name (params) -> type {"; the module's first line is not
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*?\{\n(.*?)\n\}", re.S | re.M)
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])\S* ([\w\-]+)\((.*)$")
 
 

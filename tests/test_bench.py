@@ -77,6 +77,23 @@ def test_profile_step_shares_the_wall_time_out(capsys):
     assert r["dot_flops"] == pytest.approx(4 * explicit, rel=0.1)
 
 
+def test_profile_classifies_the_module_first_computation():
+    """The module header line ends in "}", not "{": it must not swallow the first computation
+    (a dot fusion here), which was then counted as elementwise."""
+    hlo = (
+        "HloModule jit_f, entry_computation_layout={(f32[4,4]{1,0})->f32[4,4]{1,0}}\n\n"
+        "%fused_computation (param_0: f32[4,4]) -> f32[4,4] {\n"
+        "  %param_0 = f32[4,4]{1,0} parameter(0)\n"
+        "  ROOT %dot.0 = f32[4,4]{1,0} dot(%param_0, %param_0), lhs_contracting_dims={1}, "
+        "rhs_contracting_dims={0}\n}\n\n"
+        "ENTRY %main.1 (a.1: f32[4,4]) -> f32[4,4] {\n"
+        "  %a.1 = f32[4,4]{1,0} parameter(0)\n"
+        "  ROOT %ynn_fusion = f32[4,4]{1,0} fusion(%a.1), kind=kCustom, "
+        "calls=%fused_computation\n}\n")
+    table = profile_step.classify_hlo(hlo)
+    assert table["ynn_fusion"][0] == "dot" and table["ynn_fusion"][2] == 2 * 4 * 4 * 4
+
+
 def test_profile_attribution_shares_overlaps():
     events = [(0.0, 2.0, "a"), (1.0, 3.0, "b"), (5.0, 6.0, "a")]
     shares, idle = profile_step.attribute(events)
