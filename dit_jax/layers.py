@@ -354,7 +354,9 @@ class SwiGLUFFN(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x12 = Dense((2, self.hidden_features), ("embed", None, "mlp"), name="w12", **kw)(x)
-        x1, x2 = unstack(x12, x12.ndim - 2)
+        # plain slices: `unstack` here measured no faster and kept x1, x2 as extra float32
+        # residuals (XL/1 batch 32 step, XLA's estimate: +9.5 GiB)
+        x1, x2 = x12[..., 0, :], x12[..., 1, :]
         # silu computed in float32 and rounded once, as torch's bf16 kernel (and faster than
         # rounding every step of it)
         hidden = nn.silu(x1.astype(jnp.float32)).astype(x1.dtype) * x2
