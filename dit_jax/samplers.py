@@ -132,6 +132,23 @@ def integrate_sde(velocity_fn: VelocityFn, x: jax.Array, grid, rng: jax.Array, *
     raise ValueError(f"unknown last_step {last_step!r} (use 'Mean', 'Euler' or None)")
 
 
+def kernels_in_compute_dtype(model, params):
+    """params with every matmul kernel (the `kernel` leaves) cast to the model's 16-bit
+    compute dtype, once: each LightningDiT matmul casts its kernel to that dtype anyway, so
+    the model computes the same values, and a sampler's loop no longer repeats the casts at
+    every call (XLA:CPU keeps them inside it; a 20-point bf16 B/1 sample on an AVX512-BF16
+    CPU: 9.8-9.9 -> 9.4-9.7 s). float32 models get params back unchanged."""
+    dtype = jnp.dtype(getattr(model, "dtype", jnp.float32))
+    if dtype.itemsize >= 4:
+        return params
+
+    def cast(path, leaf):
+        name = getattr(path[-1], "key", None)
+        return leaf.astype(dtype) if name == "kernel" else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def guided_velocity_fn(model, params, labels: jax.Array, *, cfg_scale: float = 1.0,
                        cfg_interval_start: float = 0.0, cfg_channels: int | None = None
                        ) -> VelocityFn:
@@ -144,7 +161,7 @@ def guided_velocity_fn(model, params, labels: jax.Array, *, cfg_scale: float = 1
     released sampling (250 steps, shift 0.3, interval from 0.125) 81 of the 249 calls need only
     half the batch.
     """
-    variables = {"params": params}
+    variables = {"params": kernels_in_compute_dtype(model, params)}
 
     def conditional(x, t):
         return model.apply(variables, x, t, labels)

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from dit_jax.samplers import (
     guided_velocity_fn,
     integrate_ode,
     integrate_sde,
+    kernels_in_compute_dtype,
     make_sampler,
     sample_latents,
     time_grid,
@@ -126,10 +128,10 @@ def test_guidance_interval_and_channels():
 
 
 @functools.cache
-def _tiny_model():
+def _tiny_model(**overrides):
+    kwargs = dict(use_swiglu=True, use_rmsnorm=True, use_rope=True) | overrides
     model = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=16, depth=1,
-                         num_heads=2, num_classes=3, use_swiglu=True, use_rmsnorm=True,
-                         use_rope=True)
+                         num_heads=2, num_classes=3, **kwargs)
     x = jnp.zeros((2, 4, 4, 4))
     params = jax.jit(model.init)(jax.random.key(0), x, jnp.zeros(2), jnp.zeros(2, int))["params"]
     # shift away from the zero init so the model output (and guidance) is not trivially 0
@@ -149,6 +151,47 @@ def test_sampler_is_one_scan_independent_of_steps():
         return len(jaxpr.eqns), len(scan.params["jaxpr"].jaxpr.eqns)
 
     assert program(10) == program(250)
+
+
+def _converts(jaxpr) -> list:
+    """(input shape, output dtype) of every convert_element_type in jaxpr and its sub-jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "convert_element_type":
+            found.append((tuple(eqn.invars[0].aval.shape), eqn.outvars[0].aval.dtype))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _converts(sub)
+    return found
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(use_qknorm=True, learn_sigma=True,
+                                                 use_swiglu=False, use_rope=False)])
+def test_bf16_sampling_casts_the_kernels_once(overrides):
+    """A bf16 sampler casts the matmul kernels to bf16 before its loop: the model computes
+    the same values bit for bit (each matmul casts its kernel anyway), and no kernel is cast
+    inside the loop any more; other parameters (embedding table, norms) stay float32."""
+    model, params = _tiny_model(dtype=jnp.bfloat16, **overrides)
+    cast = kernels_in_compute_dtype(model, params)
+    dtypes = {"/".join(k.key for k in path): leaf.dtype
+              for path, leaf in jax.tree_util.tree_leaves_with_path(cast)}
+    assert {d for name, d in dtypes.items() if name.endswith("kernel")} == {jnp.dtype("bfloat16")}
+    assert dtypes["y_embedder/embedding_table"] == jnp.float32
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 4))
+    t, y = jnp.array([0.3, 0.8]), jnp.array([0, 3])
+    apply = jax.jit(lambda p: model.apply({"params": p}, x, t, y))
+    np.testing.assert_array_equal(apply(cast), apply(params))
+
+    kernel_shapes = {leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                     if path[-1].key == "kernel"}
+    jaxpr = jax.make_jaxpr(functools.partial(sample_latents, model, num_steps=4,
+                                             cfg_scale=2.0))(params, x, y[:2] % 3).jaxpr
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    in_loop = [s for s, dt in _converts(scan.params["jaxpr"].jaxpr)
+               if s in kernel_shapes and dt == jnp.bfloat16]
+    before = [s for s, dt in _converts(jaxpr) if s in kernel_shapes and dt == jnp.bfloat16]
+    assert in_loop == [] and len(before) >= len(kernel_shapes) - 1, (in_loop, before)
+    f32_model, f32_params = _tiny_model()
+    assert kernels_in_compute_dtype(f32_model, f32_params) is f32_params
 
 
 def test_sample_latents_runs_every_method():
