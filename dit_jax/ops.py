@@ -2,7 +2,7 @@
 
 `dense_matmul` is every LightningDiT matmul (float32 accumulation for 16-bit inputs, both
 gradient matmuls in the compute dtype, as torch autocast); `dot_product_attention` picks the
-explicit `attention_core` on CPU and ``jax.nn.dot_product_attention`` on GPU / TPU (its
+explicit `chunked_attention` on CPU and ``jax.nn.dot_product_attention`` on GPU / TPU (its
 default, XLA's path in jax 0.10-0.11; 'cudnn' asks for cuDNN flash attention). Both equal the
 plain JAX ops within float32 rounding (tests/test_dit_fast_paths.py); what each buys on CPU is
 measured in README "Benchmarks".
@@ -229,17 +229,21 @@ dense_matmul.defvjp(_dense_forward, _dense_backward)
 
 
 @jax.custom_vjp
-def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q k^T) v over (N, T, hd) inputs, N = batch x heads, q already scaled.
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T) v on each of C independent chunks: (C, N, T, hd) in and out, N = images
+    x heads per chunk (`attention_chunks`), q already scaled.
 
     Scores and softmax in float32 whatever the input dtype; the probabilities are saved for
     the backward (ds = p * (dp - rowsum(dp * p))). Every matmul is one batched dot in
     whichever form it comes (per B/1 layer at batch 8 on an AVX2 host, forward + backward
     70 ms against 88 ms with explicit transposes), except for the 16-bit kernels
     (`_row_major_kernels`), where the small (T, hd) operands are transposed, never a (T, T)
-    one.
+    one. The backward stacks the chunks' gradients: through JAX's rule for the chunk slices
+    each gradient would be a zero-padded full-size array, summed chunk by chunk, which in
+    bf16 XLA:CPU runs as one slow loop (85 ms per B/1 layer at batch 8 in 8 chunks on an
+    AVX512-BF16 AMD EPYC, a third of the bf16 step; now 25 ms, 9 with `unstack`).
     """
-    return _attention_forward(q, k, v)[0]
+    return _chunked_forward(q, k, v)[0]
 
 
 def _swap(a: jax.Array) -> jax.Array:
@@ -295,15 +299,25 @@ def _attention_backward(residuals, g):
     return dq, dk, dv
 
 
-attention_core.defvjp(_attention_forward, _attention_backward)
+def _chunked_forward(q, k, v):
+    outs, residuals = zip(*(_attention_forward(q[i], k[i], v[i]) for i in range(q.shape[0])))
+    return jnp.stack(outs), residuals
+
+
+def _chunked_backward(residuals, g):
+    grads = [_attention_backward(r, g[i]) for i, r in enumerate(residuals)]
+    return tuple(jnp.stack(parts) for parts in zip(*grads))
+
+
+chunked_attention.defvjp(_chunked_forward, _chunked_backward)
 
 MAX_ATTENTION_CHUNKS = 8
 MIN_CHUNK_SCORES = 2**18  # (images x heads x T x T) per call: 1 MB of float32 scores
 
 
 def attention_chunks(batch: int, heads: int, tokens: int) -> int:
-    """How many independent `attention_core` calls the batch is split into: on one CPU device
-    as many as divide the batch, up to `MAX_ATTENTION_CHUNKS`, while each call keeps at least
+    """How many independent chunks (`chunked_attention`) the batch is split into: on one CPU
+    device as many as divide the batch, up to `MAX_ATTENTION_CHUNKS`, while each call keeps at least
     `MIN_CHUNK_SCORES` score entries; elsewhere one.
 
     YNNPACK runs a batched dot on one thread (the B/1 q k^T at batch 8 takes the same 13 ms
@@ -325,7 +339,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           implementation: str | None = None) -> jax.Array:
     """Scaled dot-product attention, (B, T, H, hd) in and out.
 
-    implementation: None picks `attention_core` on CPU and ``jax.nn.dot_product_attention``
+    implementation: None picks `chunked_attention` on CPU and ``jax.nn.dot_product_attention``
     with its default elsewhere (XLA's path in jax 0.10-0.11: jax does not pick cuDNN by
     itself); 'explicit' forces the former (in `attention_chunks` independent calls); 'xla' and
     'cudnn' (flash attention: bf16 / fp16 on CUDA GPUs) are passed to the latter.
@@ -341,27 +355,3 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     heads_major = lambda a: a.transpose(0, 2, 1, 3).reshape(chunks, b // chunks * h, t, hd)
     out = chunked_attention(heads_major(q), heads_major(k), heads_major(v))
     return out.reshape(b, h, t, hd).transpose(0, 2, 1, 3)
-
-
-@jax.custom_vjp
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """`attention_core` on each of C independent chunks, (C, N, T, hd) in and out.
-
-    Its own backward stacks the chunks' gradients: through JAX's rule for the chunk slices
-    each gradient would be a zero-padded full-size array, summed chunk by chunk, which in
-    bf16 XLA:CPU runs as one slow loop (85 ms per B/1 layer at batch 8 in 8 chunks on an
-    AVX512-BF16 AMD EPYC, a third of the bf16 step; now 25 ms, 9 with `unstack`)."""
-    return _chunked_forward(q, k, v)[0]
-
-
-def _chunked_forward(q, k, v):
-    outs, residuals = zip(*(_attention_forward(q[i], k[i], v[i]) for i in range(q.shape[0])))
-    return jnp.stack(outs), residuals
-
-
-def _chunked_backward(residuals, g):
-    grads = [_attention_backward(r, g[i]) for i, r in enumerate(residuals)]
-    return tuple(jnp.stack(parts) for parts in zip(*grads))
-
-
-chunked_attention.defvjp(_chunked_forward, _chunked_backward)

@@ -1,6 +1,6 @@
 """The explicit matmul / attention paths of dit_jax.ops against JAX's own ops.
 
-`dense_matmul` and `attention_core` carry hand-written backward passes (and, in bf16 on CPU,
+`dense_matmul` and `chunked_attention` carry hand-written backward passes (and, in bf16 on CPU,
 explicit layout changes): their values and gradients must equal what autodiff of the plain
 ops gives, and a bf16 LightningDiT must differentiate on every shape class (small dots used to
 reach an XLA:CPU fallback that rejects bf16 x bf16 -> f32). The bf16 cases run both CPU paths:
@@ -137,7 +137,7 @@ def test_float32_kernels_take_transposed_operands(native, monkeypatch):
     q, k, v = (jax.random.normal(jax.random.key(i), (3, 10, 4)) for i in range(3))
 
     def attention_fwd_bwd(q, k, v):
-        out, vjp = jax.vjp(ops.attention_core, q, k, v)
+        out, vjp = jax.vjp(ops.chunked_attention, q[None], k[None], v[None])
         return vjp(out)
 
     assert _transposed_shapes(attention_fwd_bwd, q, k, v) == []
