@@ -111,3 +111,36 @@ def test_bfloat16_kernel_gradient():
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05,
                                atol=0.02 * float(jnp.abs(want).max()))
+
+
+def upsample_then_conv(x, w):
+    """What upstream computes: interpolate(scale_factor=2, mode='nearest'), then the conv."""
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return lax.conv_general_dilated(up, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+
+
+@pytest.mark.parametrize("size, phases", [(32, True), (8, False)])
+def test_upsample_conv3x3_equals_upsampling_first(size, phases):
+    # 32x32 inputs take the four 2x2 phase convolutions, 8x8 ones the direct form
+    assert (size * size >= conv_module.MIN_PHASE_POSITIONS) == phases
+    x, w = operands(3, 16, 24, size=size)
+    g = jax.random.normal(jax.random.PRNGKey(7), (2, 2 * size, 2 * size + 4, 24))
+    ours = jax.jit(lambda x, w: jax.vjp(conv_module.upsample_conv3x3, x, w))
+    want, want_vjp = jax.vjp(upsample_then_conv, x, w)
+    got, got_vjp = jax.vjp(conv_module.upsample_conv3x3, x, w)
+    assert got.shape == want.shape == (2, 2 * size, 2 * size + 4, 24)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_vjp(g), want_vjp(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5 * float(jnp.abs(b).max()))
+    hlo = ours.lower(x, w).as_text()
+    # the phase form convolves the low-resolution input only, with 2x2 kernels
+    assert ("x2x16x24xf32" in hlo) == phases
+    assert (f"2x{2 * size}x{2 * size + 4}x16xf32" in hlo) != phases  # no upsampled input
+
+
+def test_upsample_conv3x3_bfloat16_sums_taps_in_the_kernel_dtype():
+    x, w = operands(3, 16, 8, size=32)
+    got = conv_module.upsample_conv3x3(x.astype(jnp.bfloat16), w)  # float32 kernel
+    assert got.dtype == jnp.bfloat16
+    want = upsample_then_conv(x.astype(jnp.bfloat16).astype(jnp.float32), w)
+    np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=2e-2, atol=2e-2)

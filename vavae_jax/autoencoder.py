@@ -38,7 +38,6 @@ from vavae_jax.blocks import (
     decoder_levels,
     encoder_levels,
     group_norm,
-    swish,
 )
 from vavae_jax.distributions import DiagonalGaussian
 
@@ -99,7 +98,7 @@ class Encoder(nn.Module):
                 name=f"down_{lv.index}",
             )(h, deterministic)
         h = MidBlock(**shared, name="mid")(h, deterministic)
-        h = swish(group_norm(name="norm_out", **kw)(h))
+        h = group_norm(name="norm_out", swish=True, **kw)(h)
         if stage == "body" and not self.is_initializing():
             return h
         return conv(out_channels, 3, h.shape[-1], name="conv_out", **kw)(h)
@@ -143,7 +142,7 @@ class Decoder(nn.Module):
                 **shared,
                 name=f"up_{lv.index}",
             )(h, deterministic)
-        h = swish(group_norm(name="norm_out", **kw)(h))
+        h = group_norm(name="norm_out", swish=True, **kw)(h)
         if stage == "body" and not self.is_initializing():
             return h
         return conv(self.out_ch, 3, h.shape[-1], name="conv_out", **kw)(h)

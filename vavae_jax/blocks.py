@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vavae_jax.conv import conv_general_dilated
+from vavae_jax.conv import conv_general_dilated, upsample_conv3x3
+from vavae_jax.norm import GroupNorm
 
 Dtype = Any
 
@@ -73,26 +74,20 @@ def conv(
     )
 
 
-def group_norm(*, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
-    """GroupNorm(32 groups, eps 1e-6, affine) with two-pass variance, like torch.nn.GroupNorm.
-
-    Flax computes the statistics in at least float32 whatever `dtype` is; `dtype` only sets the
-    dtype of the normalised output.
-    """
-    return nn.GroupNorm(
+def group_norm(*, name: str, dtype: Dtype, param_dtype: Dtype, swish: bool = False) -> GroupNorm:
+    """GroupNorm(32 groups, eps 1e-6, affine) with two-pass variance, like torch.nn.GroupNorm,
+    then swish if asked. The statistics are float32 whatever `dtype` is; `dtype` only sets the
+    dtype of the result (`vavae_jax.norm`)."""
+    return GroupNorm(
         num_groups=NUM_GROUPS,
         epsilon=NORM_EPS,
-        use_fast_variance=False,
+        swish=swish,
         dtype=dtype,
         param_dtype=param_dtype,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
         name=name,
     )
-
-
-def swish(x: jax.Array) -> jax.Array:
-    return x * jax.nn.sigmoid(x)
 
 
 def constrain_activations(x: jax.Array) -> jax.Array:
@@ -183,9 +178,9 @@ class ResnetBlock(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c_in, c_out = x.shape[-1], self.out_channels
-        h = swish(group_norm(name="norm1", **kw)(x))
+        h = group_norm(name="norm1", swish=True, **kw)(x)
         h = conv(c_out, 3, c_in, name="conv1", **kw)(h)
-        h = swish(group_norm(name="norm2", **kw)(h))
+        h = group_norm(name="norm2", swish=True, **kw)(h)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         h = conv(c_out, 3, c_out, name="conv2", **kw)(h)
         if c_in != c_out:
@@ -240,16 +235,34 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
     """Nearest-neighbour x2 (each pixel repeated 2x2), then a 3x3 conv: (B, H, W, C) ->
-    (B, 2H, 2W, C)."""
+    (B, 2H, 2W, C). Computed as `vavae_jax.conv.upsample_conv3x3`, with the parameters of the
+    `conv` layer it stands for."""
 
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return _UpsampleConv(x.shape[-1], name="conv", **kw)(x)
+
+
+class _UpsampleConv(nn.Module):
+    """`conv(features, 3, C)`'s kernel and bias, applied to the x2 upsampled input."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return conv(c, 3, c, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        kernel_init = nn.with_logical_partitioning(_torch_kernel_init, CONV_KERNEL_AXES)
+        bias_init = nn.with_logical_partitioning(_torch_bias_init(9 * c), ("conv_out",))
+        kernel = self.param("kernel", kernel_init, (3, 3, c, self.features), self.param_dtype)
+        bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
+        x, bias = nn.dtypes.promote_dtype(x, bias, dtype=self.dtype)
+        return upsample_conv3x3(x, kernel) + bias  # the kernel's taps summed before its cast
 
 
 def _resnet_block_cls(remat: bool):

@@ -152,3 +152,49 @@ def _kernel_gradient_few_outputs(x, g, kernel_shape, pads, precision):
 
 
 conv2d_nhwc.defvjp(_forward, _backward, symbolic_zeros=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Nearest-neighbour x2 upsampling followed by a 3x3 convolution, without the upsampled input
+
+# Below this many low-resolution positions per image the four small convolutions are slower
+# than one on the upsampled input (16x16 -> 32x32 at 512 channels: 23 against 11 ms forward)
+MIN_PHASE_POSITIONS = 32 * 32
+
+
+def upsample_conv3x3(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+    """conv3x3(nearest_upsample_x2(x), kernel) with padding 1: x (B, H, W, C), kernel (3, 3, C,
+    D) -> (B, 2H, 2W, D).
+
+    Each of the four output phases (row parity p, column parity q) sees every low-resolution
+    pixel through a 2x2 kernel whose taps are sums of the 3x3 kernel's, so the layer is four
+    2x2 convolutions of x: 16 / 36 of the multiply-adds, and no 4x larger upsampled input or
+    gradient (on 2 Zen 5 cores, 128 -> 256 at 128 channels: forward 50 -> 27 ms, forward and
+    backward 145 -> 60 ms). The sums of kernel taps round differently from upstream's nine
+    products (1e-6 relative). Small inputs (`MIN_PHASE_POSITIONS`) take the direct form.
+    The kernel's taps are summed in its own dtype, then cast to x's.
+    """
+    b, h, w, _ = x.shape
+    if h * w < MIN_PHASE_POSITIONS:
+        up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv_general_dilated(up, kernel.astype(x.dtype), (1, 1), ((1, 1), (1, 1)),
+                                    dimension_numbers=NHWC, precision=precision)
+    rows = []
+    for p in range(2):
+        rows_kernel = _merge_taps(kernel, p, axis=0)
+        cols = [conv_general_dilated(x, _merge_taps(rows_kernel, q, axis=1).astype(x.dtype),
+                                     (1, 1), ((1 - p, p), (1 - q, q)), dimension_numbers=NHWC,
+                                     precision=precision)
+                for q in range(2)]
+        rows.append(jnp.stack(cols, axis=3))  # (B, H, W, 2, D)
+    return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, kernel.shape[-1])
+
+
+def _merge_taps(kernel: jax.Array, phase: int, axis: int) -> jax.Array:
+    """The 3 taps of `kernel` along `axis` as the 2 that output phase `phase` applies to
+    low-resolution pixels (i - 1, i) for phase 0 or (i, i + 1) for phase 1: upsampled pixel
+    2i + phase reads upsampled pixels 2i + phase - 1 .. 2i + phase + 1, which repeat
+    low-resolution pixels (i - 1, i, i) for phase 0 and (i, i, i + 1) for phase 1."""
+    t0, t1, t2 = (lax.index_in_dim(kernel, i, axis) for i in range(3))
+    merged = (t0, t1 + t2) if phase == 0 else (t0 + t1, t2)
+    return jnp.concatenate(merged, axis=axis)
