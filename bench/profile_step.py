@@ -14,8 +14,8 @@ XLA runs independent ops side by side, so summed op durations overstate the step
 stretch of the timeline is shared out equally among the ops running in it, and the shares
 add up to the step's wall time less `idle_s`, the time with no traced op running. That is
 host gaps, and ops XLA:CPU does not trace: its own (Eigen) convolutions, which
-`launch.xla_cpu`'s flag selects on CPUs without AVX-512 (5.5 s of a 15.2 s f16d32 step);
-profile with `--no-xla_cpu_flags` to see the convolutions as (traced) YNNPACK fusions instead.
+`launch.xla_cpu`'s flag selects for the VA-VAE (5.5 s of a 15.2 s f16d32 step); profile
+with `--no-xla_cpu_flags` to see the convolutions as (traced) YNNPACK fusions instead.
 Prints a table and, as its last line, one JSON object: `wall_s` per step, `idle_s`,
 `attributed_s` per kind, `dots` (the top `--top` layer / shape groups: `wall_s`,
 `tflops_per_s`, `count`) and `dot_flops`.

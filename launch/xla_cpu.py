@@ -5,14 +5,15 @@ which ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` restore
 faster on a 2-vCPU AMD EPYC (AVX2), runs alternating: f16d32 encode + decode 3.05 / 2.95 ->
 2.83 / 2.73 s (`bench.vae`), the VA-VAE f16d32 training step 15.96 -> 14.43 s
 (`bench.train_step --model vavae`). Matmuls stay with YNNPACK: without it the guided B/1 call
-took 3.36 s instead of 2.39 s. On a CPU with AVX-512 (2-vCPU AMD EPYC Zen 5) YNNPACK's
-convolutions were the faster ones: encode + decode 1.01 / 1.04 s against 1.05 / 1.18 s, the
-training step 5.51 / 5.50 s against 5.83 / 5.85 s, so the flag is left out there.
+took 3.36 s instead of 2.39 s. On a 2-vCPU AMD EPYC Zen 5 (AVX-512) YNNPACK's convolutions were
+faster for f16d32 at batch 1 (`bench.vae` 1.01 / 1.04 against 1.05 / 1.18 s, the training
+step 5.51 / 5.50 against 5.83 / 5.85 s) but slower for the demo's VA-VAE (32 / 64 channels,
+32 images of 32x32: 0.365 / 0.365 against 0.263 / 0.269 s per step), the command a CPU user
+runs most, so the flag is added on every CPU.
 
 Added only where they were measured to be valid: the jaxlib version above (XLA aborts on a
-flag it does not know), JAX running on the CPU, a CPU without AVX-512, and XLA_FLAGS not
-already choosing the YNN fusion types. ``LDM_XLA_CPU_FLAGS=0`` in the environment leaves
-XLA_FLAGS alone.
+flag it does not know), JAX running on the CPU, and XLA_FLAGS not already choosing the YNN
+fusion types. ``LDM_XLA_CPU_FLAGS=0`` in the environment leaves XLA_FLAGS alone.
 """
 
 from __future__ import annotations
@@ -62,18 +63,4 @@ def why_not() -> str | None:
         version = "unknown"
     if version != VERIFIED_JAXLIB:
         return f"jaxlib {version} (the flags were measured with {VERIFIED_JAXLIB})"
-    if "avx512f" in cpu_flags():
-        return "the CPU has AVX-512 (YNNPACK's convolutions measured faster there)"
     return None
-
-
-def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags of /proc/cpuinfo's first processor (empty where unreadable)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()

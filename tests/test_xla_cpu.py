@@ -17,8 +17,6 @@ from tests.helpers import REPO
 PROGRAM = r"""
 import json, os, sys
 from launch import xla_cpu
-if os.environ.get("TEST_CPU_WITHOUT_AVX512"):  # the kind of CPU the flag is for
-    xla_cpu.cpu_flags = lambda: frozenset({"avx2", "fma"})
 status = xla_cpu.add_cpu_flags()
 import jax, jax.numpy as jnp
 x, w = jnp.ones((1, 16, 16, 32)), jnp.ones((3, 3, 32, 32))
@@ -35,7 +33,7 @@ print(json.dumps({"status": status, "again": xla_cpu.add_cpu_flags(),
 def run(**env_overrides) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT_ENV, "JAX_PLATFORMS")}
-    env.update(TEST_CPU_WITHOUT_AVX512="1", **env_overrides)
+    env.update(env_overrides)
     out = subprocess.run([sys.executable, "-c", PROGRAM], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -71,22 +69,3 @@ def test_only_for_the_jaxlib_it_was_measured_with(monkeypatch):
     monkeypatch.delenv(xla_cpu.OPT_OUT_ENV, raising=False)
     monkeypatch.setenv("XLA_FLAGS", "")
     assert xla_cpu.why_not().startswith("jaxlib ") and "measured with 0.0.1" in xla_cpu.why_not()
-
-
-def test_not_on_a_cpu_with_avx512(monkeypatch):
-    monkeypatch.setattr(xla_cpu.host_memory, "backend_started", lambda: False)
-    monkeypatch.setattr(xla_cpu.host_memory, "runs_on_cpu", lambda: True)
-    monkeypatch.setattr(xla_cpu.importlib.metadata, "version", lambda _: xla_cpu.VERIFIED_JAXLIB)
-    monkeypatch.delenv(xla_cpu.OPT_OUT_ENV, raising=False)
-    monkeypatch.setenv("XLA_FLAGS", "")
-    monkeypatch.setattr(xla_cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    assert xla_cpu.why_not() == "the CPU has AVX-512 (YNNPACK's convolutions measured faster " \
-        "there)"
-    monkeypatch.setattr(xla_cpu, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert xla_cpu.why_not() is None
-
-
-def test_cpu_flags_reads_this_host():
-    flags = xla_cpu.cpu_flags()
-    if os.path.exists("/proc/cpuinfo") and os.uname().machine == "x86_64":
-        assert {"sse2", "avx"} <= flags  # every x86-64 host this runs on has them
