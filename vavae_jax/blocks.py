@@ -41,6 +41,12 @@ def _torch_bias_init(fan_in: int):
     return init
 
 
+def _conv_initializers(fan_in: int):
+    """(kernel_init, bias_init) of a torch-initialised, logically partitioned HWIO conv."""
+    return (nn.with_logical_partitioning(_torch_kernel_init, CONV_KERNEL_AXES),
+            nn.with_logical_partitioning(_torch_bias_init(fan_in), ("conv_out",)))
+
+
 def conv(
     features: int,
     kernel_size: int,
@@ -57,6 +63,7 @@ def conv(
     Its kernel gradient is `vavae_jax.conv`'s (faster on CPU; the forward is XLA's)."""
     if padding is None:
         padding = ((kernel_size // 2, kernel_size // 2),) * 2
+    kernel_init, bias_init = _conv_initializers(in_features * kernel_size**2)
     return nn.Conv(
         features,
         (kernel_size, kernel_size),
@@ -66,10 +73,8 @@ def conv(
         dtype=dtype,
         param_dtype=param_dtype,
         conv_general_dilated=conv_general_dilated,
-        kernel_init=nn.with_logical_partitioning(_torch_kernel_init, CONV_KERNEL_AXES),
-        bias_init=nn.with_logical_partitioning(
-            _torch_bias_init(in_features * kernel_size**2), ("conv_out",)
-        ),
+        kernel_init=kernel_init,
+        bias_init=bias_init,
         name=name,
     )
 
@@ -257,8 +262,7 @@ class _UpsampleConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        kernel_init = nn.with_logical_partitioning(_torch_kernel_init, CONV_KERNEL_AXES)
-        bias_init = nn.with_logical_partitioning(_torch_bias_init(9 * c), ("conv_out",))
+        kernel_init, bias_init = _conv_initializers(9 * c)
         kernel = self.param("kernel", kernel_init, (3, 3, c, self.features), self.param_dtype)
         bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
         x, bias = nn.dtypes.promote_dtype(x, bias, dtype=self.dtype)

@@ -114,18 +114,18 @@ def _input_gradient_strided(g, kernel, x_shape, strides, pads, precision):
     input position p = s * a + r receives g[a - t] . kernel[r + s * t]^T for every tap
     r + s * t of the kernel, so phase r is a correlation of g (padded by its tap count - 1 in
     front) with those taps reversed; the phases interleave back into the padded input."""
-    kh, kw, c, d = kernel.shape
+    c = kernel.shape[2]
     _, ho, wo, _ = g.shape
     padded = [x_shape[1] + sum(pads[0]), x_shape[2] + sum(pads[1])]
-    steps = [-(-n // s) for n, s in zip(padded, strides)]  # positions in phase 0, the largest
+    # positions of phase r along each axis (phase 0 has the most)
+    sizes = [[-(-(n - r) // s) for r in range(s)] for n, s in zip(padded, strides)]
+    steps = [sizes[0][0], sizes[1][0]]
     phases = []
-    for r in range(strides[0]):
+    for r, a_r in enumerate(sizes[0]):
         row = []
-        for q in range(strides[1]):
+        for q, a_q in enumerate(sizes[1]):
             taps = kernel[r::strides[0], q::strides[1]][::-1, ::-1]  # (tr, tq, C, D)
             tr, tq = taps.shape[:2]
-            a_r = -(-(padded[0] - r) // strides[0])
-            a_q = -(-(padded[1] - q) // strides[1])
             if tr == 0 or tq == 0:
                 phase = jnp.zeros((g.shape[0], a_r, a_q, c), g.dtype)
             else:
@@ -144,8 +144,9 @@ def _input_gradient_strided(g, kernel, x_shape, strides, pads, precision):
 
 
 def _kernel_gradient(x, g, kernel_shape: Sequence[int], strides, pads, precision):
-    """sum over (n, y, x) of the tap's input window^T . g, one (D, M) @ (M, C) matmul per tap
-    (the canonical row-major form XLA:CPU runs fastest), accumulated in float32."""
+    """sum over (n, y, x) of the tap's input window^T . g, accumulated in float32. Stride 1
+    goes to the two forms below; strided layers run one (D, M) @ (M, C) matmul per tap (the
+    canonical row-major form XLA:CPU runs fastest) and transpose the stacked result."""
     kh, kw, c, d = kernel_shape
     if strides == (1, 1) and kh * kw * d <= c:
         return _kernel_gradient_few_outputs(x, g, kernel_shape, pads, precision)

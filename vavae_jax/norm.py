@@ -71,10 +71,15 @@ def group_norm(
     return _forward(x, scale, bias, groups, eps, swish, dtype)[0]
 
 
-def _forward(x, scale, bias, groups, eps, swish, dtype):
+def _rows(x, groups):
+    """x (B, ..., C) as float32 rows (B, N, C), and the values per group of a sample."""
     b, c = x.shape[0], x.shape[-1]
-    rows = x.reshape(b, -1, c).astype(jnp.promote_types(x.dtype, jnp.float32))  # (B, N, C)
-    count = rows.shape[1] * (c // groups)
+    rows = x.reshape(b, -1, c).astype(jnp.promote_types(x.dtype, jnp.float32))
+    return rows, rows.shape[1] * (c // groups)
+
+
+def _forward(x, scale, bias, groups, eps, swish, dtype):
+    rows, count = _rows(x, groups)
     mean = _group_mean(rows.sum(1), groups, count)[:, None]  # (B, 1, C)
     centred = rows - mean
     inv = jax.lax.rsqrt(_group_mean(jnp.square(centred).sum(1), groups, count)[:, None] + eps)
@@ -86,11 +91,10 @@ def _forward(x, scale, bias, groups, eps, swish, dtype):
 
 def _bwd(groups, eps, swish, dtype, residuals, g):
     x, scale, bias, mean, inv = residuals
-    b, c = x.shape[0], x.shape[-1]
-    rows = x.reshape(b, -1, c).astype(mean.dtype)
-    count = rows.shape[1] * (c // groups)
+    rows, count = _rows(x, groups)
+    b = rows.shape[0]
     xhat = (rows - mean) * inv
-    g = g.reshape(b, -1, c).astype(mean.dtype)
+    g = g.reshape(rows.shape).astype(mean.dtype)
     if swish:  # d/dy [y * sigmoid(y)] = s * (1 + y * (1 - s))
         y = xhat * scale.astype(mean.dtype) + bias.astype(mean.dtype)
         s = jax.nn.sigmoid(y)
