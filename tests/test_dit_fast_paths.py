@@ -34,7 +34,7 @@ def _relative(a, b):
     (1, (2, 5, 12), (12, 3, 4, 6)),   # qkv-like: chunked output axes
     (2, (2, 5, 4, 6), (4, 6, 12)),    # attention proj: two contracted axes
     (1, (3, 12), (12, 2, 12)),        # adaLN: few rows (dx through transposed g and result)
-    (1, (2, 20, 16), (16, 4)),        # SwiGLU output: wide input (dkernel through g^T x)
+    (1, (2, 20, 16), (16, 4)),        # SwiGLU output: wide input (dkernel: x^T g as it comes)
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_matmul_value_and_gradients(in_ndim, x_shape, k_shape, dtype, cpu_path):
@@ -133,6 +133,12 @@ def test_float32_kernels_take_transposed_operands(native, monkeypatch):
     # dkernel transposes x (the smaller side); dx transposes nothing.
     shapes = _transposed_shapes(dense_fwd_bwd, x, kernel)
     assert len(shapes) == 1 and shapes[0].startswith("tensor<24x40x"), shapes
+    # x wider than g (the SwiGLU output): float32 kernels contract x^T g as it comes (no
+    # transpose left to fuse into the optimizer); the bf16 kernels get g^T x, transposed back
+    narrow = kernel[:, :4]
+    assert _transposed_shapes(dense_fwd_bwd, x.astype(jnp.float32), narrow) == []
+    shapes = _transposed_shapes(dense_fwd_bwd, x, narrow)
+    assert shapes == (["tensor<4x40xbf16>", "tensor<24x4xbf16>"] if native else []), shapes
 
     q, k, v = (jax.random.normal(jax.random.key(i), (3, 10, 4)) for i in range(3))
 
