@@ -98,14 +98,36 @@ def diffusion_coefficient(t: jax.Array, form: str = "SBDM", norm: float = 1.0) -
     raise ValueError(f"unknown diffusion form {form!r}")
 
 
+def sde_step_noise(rng: jax.Array, num_steps: int, x: jax.Array):
+    """(keys, draw): one key per SDE step and ``draw(key) -> noise like x``.
+
+    rng is one key (the batch's noise of each step drawn at once, as upstream) or one key per
+    sample, shape (B,): then sample i's noise depends on its key alone, not on the batch it
+    is in. Typed keys (`jax.random.key`) or raw uint32 ones (`jax.random.PRNGKey`)."""
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)
+    if rng.ndim == 0:
+        keys = jax.random.split(rng, num_steps)  # (steps,)
+        return keys, lambda key: jax.random.normal(key, x.shape, x.dtype)
+    if rng.shape == x.shape[:1]:
+        keys = jax.vmap(lambda k: jax.random.split(k, num_steps), out_axes=1)(rng)  # (steps, B)
+        one = lambda key: jax.random.normal(key, x.shape[1:], x.dtype)  # noqa: E731
+        return keys, jax.vmap(one)
+    raise ValueError(f"the SDE sampler takes one key or one per sample ({x.shape[0]},); got "
+                     f"keys of shape {rng.shape}")
+
+
 def integrate_sde(velocity_fn: VelocityFn, x: jax.Array, grid, rng: jax.Array, *,
                   diffusion_form: str = "SBDM", diffusion_norm: float = 1.0,
                   last_step: str | None = "Mean", last_step_size: float = 0.04):
     """Euler-Maruyama for dx = [v + D s] dt + sqrt(2 D) dW, s = score from v, over `grid`
     (which should end at 1 - last_step_size), then a final noise-free step to t = 1:
     'Mean' (SDE drift), 'Euler' (velocity only) or None (no final step).
+
+    rng: one key for the batch, or one per sample (B,) (`sde_step_noise`).
     """
     ts = jnp.asarray(grid, jnp.float32)
+    keys, draw = sde_step_noise(rng, ts.shape[0] - 1, x)
 
     def sde_drift(x, t):
         tb = _at(t, x)
@@ -117,10 +139,8 @@ def integrate_sde(velocity_fn: VelocityFn, x: jax.Array, grid, rng: jax.Array, *
         t0, t1, key = inputs
         dt = t1 - t0
         _, drift, d = sde_drift(x, t0)
-        noise = jax.random.normal(key, x.shape, x.dtype)
-        return x + drift * dt + jnp.sqrt(2 * d) * jnp.sqrt(dt) * noise, None
+        return x + drift * dt + jnp.sqrt(2 * d) * jnp.sqrt(dt) * draw(key), None
 
-    keys = jax.random.split(rng, ts.shape[0] - 1)
     x, _ = jax.lax.scan(step, x, (ts[:-1], ts[1:], keys))
     if last_step is None:
         return x
@@ -197,7 +217,8 @@ def sample_latents(model, params, noise: jax.Array, labels: jax.Array, rng: jax.
 
     method: 'euler' / 'heun' (ODE over `time_grid(num_steps, timestep_shift)`), or
     'euler_maruyama' (SDE over `time_grid(num_steps, timestep_shift, sde_t0, 1 -
-    last_step_size)`; needs `rng`). Every option except the arrays must be static under jit.
+    last_step_size)`; needs `rng`: one key, or one per sample (B,)). Every option except
+    the arrays must be static under jit.
     """
     velocity = guided_velocity_fn(model, params, labels, cfg_scale=cfg_scale,
                                   cfg_interval_start=cfg_interval_start, cfg_channels=cfg_channels)

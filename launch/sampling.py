@@ -4,10 +4,9 @@
 calls it). What a run is:
 
 - Sample i has its own noise, keyed by `fold_in(key, i)`, and its own label from one draw of
-  all N labels (`class_labels`: random classes as upstream's inference, or balanced). So the
-  images do not depend on the batch size, the chunking or the number of devices and hosts
-  (with the ODE samplers: the SDE's per-step noise is drawn per batch, keyed by its first
-  index, so `euler_maruyama` images depend on the batch size).
+  all N labels (`class_labels`: random classes as upstream's inference, or balanced), and
+  with `euler_maruyama` its own per-step SDE noise, keyed by `fold_in(sde_key, i)`. So the
+  images do not depend on the batch size, the chunking or the number of devices and hosts.
 - A global batch of `batch_size` samples is sharded over every device of every process; one
   jitted program integrates the ODE/SDE, de-normalises the latents with the training
   statistics, decodes them with the VA-VAE and converts to uint8 as upstream writes PNGs.
@@ -100,7 +99,7 @@ def make_generate(model, sampler_options: dict, *, decode: Callable | None,
     def generate(params, decoder_params, indices, labels):
         noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(
             indices)
-        rng = jax.random.fold_in(sde_key, indices[0])
+        rng = jax.vmap(lambda i: jax.random.fold_in(sde_key, i))(indices)  # per sample
         x = sample_latents(model, params, noise, labels, rng, **sampler_options)
         if latent_stats is not None:
             mean, std, multiplier = latent_stats
@@ -367,6 +366,10 @@ def run_sampling(config, workdir: str, *, checkpoint: str | None, num_samples: i
         "chunk_size": plan.chunk_size, "seed": config.seed, "balanced": balanced,
         "labels": [int(v) for v in labels] if labels else None,
         "sample": config.sample.to_dict()}
+    if config.sample.method == "euler_maruyama":
+        # since 2026-12-06 each sample has its own SDE noise (before: one draw per batch), so
+        # a workdir begun before then is refused rather than finished with other noise
+        layout["sde_noise"] = "per_sample"
     try:
         check_layout(workdir, layout, record=False)
     except LayoutMismatch as e:

@@ -115,6 +115,37 @@ def test_sde_sampler_transports_gaussian(form):
     np.testing.assert_allclose([out.mean(), out.std()], [M, S], atol=0.03)
 
 
+def test_sde_noise_per_sample_does_not_depend_on_the_batch():
+    """With one key per sample, a sample's SDE path is the same in any batch; one key for the
+    batch draws each step's noise at once (upstream); other key shapes are refused."""
+    grid = time_grid(20, 0.0, 0.04, 1 - 0.04)
+    x = _noise()[:6]
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(6))
+    sde = jax.jit(lambda x, rng: integrate_sde(_gaussian_velocity, x, grid, rng))
+    whole = sde(x, keys)
+    pick = jnp.array([4, 1])
+    np.testing.assert_allclose(sde(x[pick], keys[pick]), whole[pick], rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(whole[0] - whole[1]).max()) > 0.1  # the samples' noises differ
+
+    # raw uint32 keys are the same keys
+    raw = jax.random.key_data(keys)
+    np.testing.assert_array_equal(sde(x, raw), whole)
+    # one key: the batch's noise, drawn by position in the batch
+    batch = sde(x, jax.random.key(5))
+    assert float(jnp.abs(sde(x[pick], jax.random.key(5)) - batch[pick]).max()) > 1e-3
+
+    with pytest.raises(ValueError, match=r"one key or one per sample \(6,\); got keys of shape "
+                                         r"\(3,\)"):
+        integrate_sde(_gaussian_velocity, x, grid, keys[:3])
+
+
+def test_sde_sampler_with_per_sample_keys_transports_gaussian():
+    grid = time_grid(250, 0.0, 0.04, 1 - 0.04)
+    keys = jax.random.split(jax.random.key(1), _noise().shape[0])
+    out = jax.jit(lambda x: integrate_sde(_gaussian_velocity, x, grid, keys))(_noise())
+    np.testing.assert_allclose([out.mean(), out.std()], [M, S], atol=0.03)
+
+
 def test_guidance_interval_and_channels():
     cond = jnp.ones((2, 2, 2, 5))
     uncond = jnp.zeros((2, 2, 2, 5))

@@ -96,6 +96,35 @@ def test_a_rerun_with_another_model_dtype_is_refused(tmp_path):
         sampling.run_sampling(config, str(tmp_path), checkpoint=None, num_samples=8, grid=0)
 
 
+def test_sde_samples_do_not_depend_on_the_batch_size(tmp_path):
+    """Each sample's SDE noise is keyed by its index; a workdir begun with the earlier
+    per-batch noise (no `sde_noise` in its layout) is refused, naming the setting."""
+    from configs.lightningdit import get_config
+    from launch.cli import UserError
+
+    config = get_config("tiny")
+    config.tokenizer.variant = ""  # latents: compared as floats
+    config.sample.update(method="euler_maruyama", num_steps=3)
+    for batch in (16, 8):  # over the 8 test devices
+        config.sample.batch_size = batch
+        sampling.run_sampling(config, str(tmp_path / f"b{batch}"), checkpoint=None,
+                              num_samples=16, grid=0)
+    with np.load(tmp_path / "b16" / "samples.npz") as a, \
+            np.load(tmp_path / "b8" / "samples.npz") as b:
+        assert a["arr_0"].shape == (16, 8, 8, 4)
+        np.testing.assert_allclose(a["arr_0"], b["arr_0"], rtol=1e-5, atol=1e-5)
+        assert np.abs(a["arr_0"][0] - a["arr_0"][1]).max() > 0.1
+
+    layout_file = tmp_path / "b8" / sampling.LAYOUT_FILE
+    layout = json.loads(layout_file.read_text())
+    assert layout.pop("sde_noise") == "per_sample"
+    layout_file.write_text(json.dumps(layout))
+    with pytest.raises(UserError, match=r"other settings \(sde_noise: \[None\] there vs "
+                                        r"\['per_sample'\] now\)"):
+        sampling.run_sampling(config, str(tmp_path / "b8"), checkpoint=None, num_samples=16,
+                              grid=0)
+
+
 TINY = ["launch.sample", "--config", "configs/lightningdit.py:tiny", "--num_samples", "20",
         "--config.sample.batch_size=4", "--config.sample.num_steps=4"]
 
