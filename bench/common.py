@@ -106,7 +106,9 @@ def jnp_dtype(name: str):
 
 def time_calls(fn: Callable[[], object], *, steps: int, warmup: int) -> dict:
     """Seconds per call of `fn()` (which returns something to block on), each call timed alone
-    after `warmup` untimed calls: median, min, max and the list."""
+    after `warmup` untimed calls: median, mean, min, max and the list. (The mean is what a run
+    of many calls averages; it differs from the median where some calls are slow, e.g. bf16
+    steps on a VM that alternate between two speeds.)"""
     for _ in range(warmup):
         jax.block_until_ready(fn())
     times = []
@@ -114,8 +116,8 @@ def time_calls(fn: Callable[[], object], *, steps: int, warmup: int) -> dict:
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "times_s": times}
+    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+            "min_s": min(times), "max_s": max(times), "times_s": times}
 
 
 def compile_timed(jitted, *args, **kwargs):

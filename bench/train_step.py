@@ -185,7 +185,8 @@ def run(model: str = "lightningdit", variant: str = "B/1", batch: int | None = N
         "attention": ((config.model.attention_impl or "default") if model == "lightningdit"
                       else None), "steps": steps, "warmup": warmup,
         "images_per_s": images_per_s, "step_s": timing["median_s"],
-        "step_min_s": timing["min_s"], "step_max_s": timing["max_s"],
+        "step_mean_s": timing["mean_s"], "step_min_s": timing["min_s"],
+        "step_max_s": timing["max_s"],
         "tflops_per_s": tflops, "flops_per_image": flops_per_image,
         "flops_method": flops_method,
         "xla_flops_per_image": xla_flops / batch if math.isfinite(xla_flops) else None,
@@ -206,7 +207,8 @@ def report(r: dict) -> None:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
     print(f"{r['model']} {r['variant']} batch {r['batch']} {r['dtype']} on {r['device']}: "
           f"{r['images_per_s']:.3f} img/s ({common.fmt_s(r['step_s'])}/step, "
-          f"min {common.fmt_s(r['step_min_s'])}), compile {r['compile_s']:.1f} s")
+          f"mean {common.fmt_s(r['step_mean_s'])}, min {common.fmt_s(r['step_min_s'])}), "
+          f"compile {r['compile_s']:.1f} s")
     xla = (f"XLA {r['xla_flops_per_image'] / 1e9:.2f} G (ratio {r['flops_vs_xla']:.3f})"
            if r["flops_vs_xla"] else "no XLA cost analysis")
     print(f"  FLOPs/image {r['flops_per_image'] / 1e9:.2f} G ({r['flops_method']}), {xla}")

@@ -54,6 +54,7 @@ def test_train_step_lightningdit(capsys):
     assert TRAIN_KEYS <= set(r)
     assert r["dtype"] == "float32" and r["peak_source"] == "measured f32 matmul"
     assert r["images_per_s"] > 0 and r["mfu"] > 0 and r["peak_memory_gb"] > 0
+    assert r["step_min_s"] <= min(r["step_s"], r["step_mean_s"]) <= r["step_max_s"]
     assert r["flops_per_image"] == pytest.approx(r["xla_flops_per_image"], rel=0.25)
     from launch import host_memory
 
