@@ -98,7 +98,7 @@ def diffusion_coefficient(t: jax.Array, form: str = "SBDM", norm: float = 1.0) -
     raise ValueError(f"unknown diffusion form {form!r}")
 
 
-def sde_step_noise(rng: jax.Array, num_steps: int, x: jax.Array):
+def _sde_step_noise(rng: jax.Array, num_steps: int, x: jax.Array):
     """(keys, draw): one key per SDE step and ``draw(key) -> noise like x``.
 
     rng is one key (the batch's noise of each step drawn at once, as upstream) or one key per
@@ -111,8 +111,7 @@ def sde_step_noise(rng: jax.Array, num_steps: int, x: jax.Array):
         return keys, lambda key: jax.random.normal(key, x.shape, x.dtype)
     if rng.shape == x.shape[:1]:
         keys = jax.vmap(lambda k: jax.random.split(k, num_steps), out_axes=1)(rng)  # (steps, B)
-        one = lambda key: jax.random.normal(key, x.shape[1:], x.dtype)  # noqa: E731
-        return keys, jax.vmap(one)
+        return keys, jax.vmap(lambda key: jax.random.normal(key, x.shape[1:], x.dtype))
     raise ValueError(f"the SDE sampler takes one key or one per sample ({x.shape[0]},); got "
                      f"keys of shape {rng.shape}")
 
@@ -124,10 +123,10 @@ def integrate_sde(velocity_fn: VelocityFn, x: jax.Array, grid, rng: jax.Array, *
     (which should end at 1 - last_step_size), then a final noise-free step to t = 1:
     'Mean' (SDE drift), 'Euler' (velocity only) or None (no final step).
 
-    rng: one key for the batch, or one per sample (B,) (`sde_step_noise`).
+    rng: one key for the batch, or one per sample (B,) (`_sde_step_noise`).
     """
     ts = jnp.asarray(grid, jnp.float32)
-    keys, draw = sde_step_noise(rng, ts.shape[0] - 1, x)
+    keys, draw = _sde_step_noise(rng, ts.shape[0] - 1, x)
 
     def sde_drift(x, t):
         tb = _at(t, x)

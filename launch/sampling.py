@@ -97,10 +97,11 @@ def make_generate(model, sampler_options: dict, *, decode: Callable | None,
     shape = (model.input_size, model.input_size, model.in_channels)
 
     def generate(params, decoder_params, indices, labels):
-        noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(
-            indices)
-        rng = jax.vmap(lambda i: jax.random.fold_in(sde_key, i))(indices)  # per sample
-        x = sample_latents(model, params, noise, labels, rng, **sampler_options)
+        def per_sample(key):  # one key per sample, from its index
+            return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+
+        noise = jax.vmap(lambda key: jax.random.normal(key, shape))(per_sample(noise_key))
+        x = sample_latents(model, params, noise, labels, per_sample(sde_key), **sampler_options)
         if latent_stats is not None:
             mean, std, multiplier = latent_stats
             x = x * jnp.asarray(std) / multiplier + jnp.asarray(mean)
