@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bench import compare, profile_step, sample, train_step, vae
+from bench import ab, compare, profile_step, sample, train_step, vae
 from bench.common import cost_flops
 from bench.flops import lightningdit_forward_flops, matmul_flops
 from dit_jax import RELEASED_FLAGS, LightningDiT, lightningdit_kwargs
@@ -517,3 +517,41 @@ def test_bench_runs_refuse_bad_values_readably():
         sample.run("tiny", batch=2, num_steps=1)
     with pytest.raises(SystemExit, match="--size 30: must be a positive multiple of"):
         vae.run("tiny", size=30)
+
+
+def _in_git_checkout() -> bool:
+    import subprocess
+    return subprocess.run(["git", "rev-parse", "--git-dir"], cwd=ab.REPO,
+                          capture_output=True).returncode == 0
+
+
+needs_git = pytest.mark.skipif(not _in_git_checkout(), reason="not a git checkout")
+
+
+@needs_git
+def test_ab_runs_each_version_in_its_own_process(capsys):
+    """An A/A run (HEAD against this checkout) of the tiny train step: one process per run,
+    the ratio from the runs' own JSON."""
+    r = ab.main(["--base", "HEAD", "--pairs", "1", "--", "bench.train_step", "--variant",
+                 "tiny", "--batch", "4", "--steps", "1", "--warmup", "0"])
+    assert last_json(capsys) == json.loads(json.dumps(r))
+    assert r["head_commit"] == ab.WORKTREE and len(r["base_commit"]) == 40
+    assert len(r["base_values"]) == len(r["head_values"]) == 1 and min(r["base_values"]) > 0
+    assert r["ratio_median"] == pytest.approx(r["head_values"][0] / r["base_values"][0])
+
+
+@needs_git
+def test_ab_refuses_what_it_cannot_compare(tmp_path):
+    with pytest.raises(SystemExit, match="no-such-revision"):
+        ab.main(["--base", "no-such-revision", "--", "bench.train_step"])
+    bench = tmp_path / "fake_bench.py"
+    for body, message in [('print("x")\nprint(\'{"step_s": 2.0, "name": "a"}\')', None),
+                          ('print(\'{"name": "a", "mfu": 0.5}\')', "numeric keys: mfu"),
+                          ('print("not json")', "not JSON"),
+                          ('raise ValueError("broken")', "ValueError: broken")]:
+        bench.write_text(body + "\n")
+        if message is None:
+            assert ab.run_once(tmp_path, ["fake_bench"], "step_s", 60) == 2.0
+        else:
+            with pytest.raises(SystemExit, match=message):
+                ab.run_once(tmp_path, ["fake_bench"], "step_s", 60)
