@@ -142,6 +142,9 @@ def main(argv=None) -> dict:
                 values[name].append(value)
                 print(f"pair {pair + 1}/{args.pairs} {name:4s} {args.key} = {value:.6g}",
                       flush=True)
+    if 0.0 in values["base"]:
+        raise SystemExit(f"bench.ab: base's {args.key} was 0 in a run ({values['base']}): "
+                         "no ratio; pick another --key")
     ratios = [h / b for h, b in zip(values["head"], values["base"])]
     result = {"bench": "ab", "command": command, "key": args.key, "pairs": args.pairs,
               "base": args.base, "head": args.head,
