@@ -32,15 +32,16 @@ import tempfile
 import time
 
 from bench.argtypes import positive_int
+from bench.suite import last_json_object
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKTREE = "worktree"
 
 
-def _git(*args: str, cwd: pathlib.Path = REPO) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+def _git(*args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"bench.ab: git {' '.join(args)} failed in {cwd}: "
+        raise SystemExit(f"bench.ab: git {' '.join(args)} failed in {REPO}: "
                          f"{proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout.strip()
 
@@ -95,13 +96,10 @@ def run_once(tree: pathlib.Path, command: list[str], key: str, timeout_s: float)
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise SystemExit(f"bench.ab: {' '.join(command)} failed in {tree} "
                          f"(exit {proc.returncode}):\n{tail}")
-    try:
-        result = json.loads(lines[-1])
-    except json.JSONDecodeError:
-        raise SystemExit(f"bench.ab: the last line of {' '.join(command)} is not JSON: "
-                         f"{lines[-1][:200]!r}") from None
-    if not isinstance(result, dict):
-        raise SystemExit(f"bench.ab: the last line of {' '.join(command)} is not a JSON object")
+    result = last_json_object(proc.stdout)
+    if result is None:
+        raise SystemExit(f"bench.ab: the last line of {' '.join(command)} is not JSON holding "
+                         f"an object: {lines[-1][:200]!r}")
     value = result.get(key)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         numeric = sorted(k for k, v in result.items()

@@ -75,7 +75,7 @@ class Suite:
                           tail=_text(e.stdout)[-2000:], stderr_tail=_text(e.stderr)[-2000:])
             return self._keep(record).get("result")
         record.update(rc=proc.returncode, seconds=time.monotonic() - start)
-        result = _last_json(proc.stdout) if proc.returncode == 0 else None
+        result = last_json_object(proc.stdout) if proc.returncode == 0 else None
         if result is None:
             lines = (proc.stderr or proc.stdout).strip().splitlines()
             record.update(status="failed", error=_error_line(lines),
@@ -100,7 +100,8 @@ class Suite:
         return record
 
 
-def _last_json(stdout: str) -> dict | None:
+def last_json_object(stdout: str) -> dict | None:
+    """A run's last stdout line as a JSON object, or None (no line, not JSON, not an object)."""
     lines = stdout.strip().splitlines()
     try:
         value = json.loads(lines[-1]) if lines else None

@@ -222,9 +222,10 @@ def _matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
     (an XLA dot, not a YNNPACK one). The alternative, b^T . a transposed back, leaves a
     (768 x 2048) -> (2048 x 768) transpose that XLA:CPU fuses into each AdamW update reading
     the gradient (~6 ms per layer at batch 8). Against it, the B/1 float32 step at batch 8
-    on a Zen 5 takes 0.976x the time (median of 13 rounds alternating in one process), while
-    transposing a first made it 1.07x slower. The 16-bit kernels take only the row-major
-    form (`_dot`), so there b and the result are transposed."""
+    on a Zen 5 takes 0.976x the time (median of 13 rounds alternating in one process; 0.965x
+    in 3 pairs of separate processes), while transposing a first made it 1.07x slower. The
+    16-bit kernels take only the row-major form (`_dot`), so there b and the result are
+    transposed."""
     m, k = a.shape
     n = b.shape[1]
     if m * k <= m * n + k * n:

@@ -4,6 +4,7 @@ XLA's cost analysis. No timing assertions."""
 
 import argparse
 import json
+import subprocess
 import sys
 import textwrap
 
@@ -520,7 +521,6 @@ def test_bench_runs_refuse_bad_values_readably():
 
 
 def _in_git_checkout() -> bool:
-    import subprocess
     return subprocess.run(["git", "rev-parse", "--git-dir"], cwd=ab.REPO,
                           capture_output=True).returncode == 0
 
