@@ -63,7 +63,10 @@ def get_config(arg: str = "long_stage3") -> ml_collections.ConfigDict:
         "kl_weight": 1e-6, "perceptual_weight": 1.0, "logvar": 0.0, "disc_start": 5001,
         "disc_factor": 1.0, "disc_weight": 0.5, "disc_loss": "hinge", "vf_weight": 0.1,
         "adaptive_vf": True, "distmat_margin": 0.25, "cos_margin": 0.5,
-        "distmat_weight": 1.0, "cos_weight": 1.0, "steps_per_iteration": 2})
+        "distmat_weight": 1.0, "cos_weight": 1.0, "steps_per_iteration": 2,
+        # > 1: adaptive weights and discriminator BatchNorm statistics per group of
+        # global_batch_size / ddp_replicas images, as upstream's DDP per GPU (32 x 8 images)
+        "ddp_replicas": 1})
     config.optimizer = ml_collections.ConfigDict(
         {"lr": 1e-4, "b1": 0.5, "b2": 0.9, "proj_fix": False})
     config.train = ml_collections.ConfigDict(

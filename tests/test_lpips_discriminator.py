@@ -288,3 +288,24 @@ def test_discriminator_full_size_init_and_layout():
         "main.11.weight": (1, 512, 4, 4),
     }
     assert_same_tree(disc.params_from_torch(state_dict), variables)
+
+
+def test_batchnorm_per_replica_equals_separate_replicas():
+    """replicas=2: each half of the batch is normalised with its own statistics, as two DDP
+    processes without SyncBN; the running statistics follow the first half's (rank 0's buffers,
+    which DDP broadcasts before every forward)."""
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3)) * 0.5
+    variables = TINY_D.init(jax.random.key(1), x, train=False)
+    split_d = TINY_D.clone(replicas=2)
+    y, upd = jax.jit(lambda v, x: split_d.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, x)
+    halves = [d_train_fn(variables, x[i:i + 2]) for i in (0, 2)]
+    np.testing.assert_allclose(y, jnp.concatenate([h[0] for h in halves]), rtol=1e-5,
+                               atol=1e-5)
+    for got, want in zip(jax.tree.leaves(upd), jax.tree.leaves(halves[0][1])):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # the halves' statistics differ, so the whole-batch ones would not do
+    whole, _ = d_train_fn(variables, x)
+    assert float(jnp.abs(whole - y).max()) > 1e-3
+    with pytest.raises(ValueError, match="a batch of 4 does not split into 3 equal replica"):
+        TINY_D.clone(replicas=3).apply(variables, x, train=True, mutable=["batch_stats"])

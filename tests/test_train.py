@@ -156,7 +156,8 @@ def test_train_cli_vavae_tiny(tmp_path):
     out = run_module("launch.train", "--config", "configs/vavae.py:tiny", "--workdir",
                      str(tmp_path / "run"), f"--config.data.path={tree}",
                      "--config.data.procedural_images_per_class=0", "--config.total_steps=3",
-                     "--config.log_every=1", "--config.ckpt_every=3", "--config.sample_every=3")
+                     "--config.log_every=1", "--config.ckpt_every=3", "--config.sample_every=3",
+                     "--config.loss.ddp_replicas=2")  # upstream's per-GPU weights, 2 x 4 images
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["final_step"] == 3 and summary["compilations"] == 1
     assert np.isfinite(summary["loss"]) and "vf_loss" in summary

@@ -253,9 +253,11 @@ def test_train_steps_decrease_losses():
     assert int(state.step) == 12
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 4, 1)], ids=["data2_fsdp4"])
-def test_train_step_sharded_equals_single_device(mesh_shape):
+@pytest.mark.parametrize("mesh_shape,replicas", [((2, 4, 1), 1), ((2, 4, 1), 4)],
+                         ids=["data2_fsdp4", "data2_fsdp4_4replicas"])
+def test_train_step_sharded_equals_single_device(mesh_shape, replicas):
     models, loss, ae_opt, disc_opt, _, frozen, _ = _tiny()
+    loss = dataclasses.replace(loss, ddp_replicas=replicas)
     x = jnp.tanh(jax.random.normal(jax.random.key(5), (8, 32, 32, 3)))
     fn = _step_fn(models, loss, ae_opt, disc_opt)
     init = functools.partial(init_train_state, models, image_shape=(8, 32, 32, 3),
@@ -289,3 +291,74 @@ def test_train_step_sharded_equals_single_device(mesh_shape):
         # (attention key biases) the float32 noise's sign decides, so up to 2 lr apart.
         np.testing.assert_allclose(np.asarray(got), want, atol=2.5 * lr, rtol=1e-4,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# ddp_replicas: upstream's per-GPU adaptive weights and BatchNorm statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ddp_replicas_equal_the_mean_of_separate_replicas():
+    """With ddp_replicas=2 the generator and discriminator gradients are the mean of what each
+    half of the batch gives alone (DDP's all-reduce over two processes, each with its own
+    adaptive weights and BatchNorm statistics); the metrics' weights are the halves' mean."""
+    models, loss, _, _, state, frozen, x = _tiny()
+    split_loss = dataclasses.replace(loss, ddp_replicas=2)
+    eps = jax.random.normal(jax.random.key(3), (4, 8, 8, 4))
+    step = jnp.int32(10)
+    args = (state.params, state.disc_params, state.disc_batch_stats, frozen)
+
+    def gen(loss, x, eps):
+        return jax.jit(functools.partial(generator_grads, models=models, loss=loss))(
+            *args, x, eps, step)
+
+    def disc(loss, x, x_rec):
+        fn = jax.value_and_grad(discriminator_loss, has_aux=True)
+        return jax.jit(functools.partial(fn, models=models, loss=loss))(
+            state.disc_params, state.disc_batch_stats, x, x_rec, step + 1)
+
+    grads, stats, x_rec, m = gen(split_loss, x, eps)
+    halves = [gen(loss, x[i:i + 2], eps[i:i + 2]) for i in (0, 2)]
+    (h0, h1) = halves
+    assert abs(float(h0[3]["d_weight"] - h1[3]["d_weight"])) > 1e-3 * float(h0[3]["d_weight"])
+    assert abs(float(h0[3]["vf_weight"] - h1[3]["vf_weight"])) > 1e-3 * float(h0[3]["vf_weight"])
+    for key in ("d_weight", "vf_weight", "total_loss", "nll_loss", "g_loss", "vf_loss"):
+        np.testing.assert_allclose(m[key], (h0[3][key] + h1[3][key]) / 2, rtol=2e-5,
+                                   err_msg=key)
+    np.testing.assert_allclose(x_rec, jnp.concatenate([h0[2], h1[2]]), rtol=1e-5, atol=1e-6)
+    for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(h0[1])):  # rank 0's buffers
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, h0[0], h1[0])
+    flat_want = jax.tree_util.tree_leaves_with_path(mean_grads)
+    scale = max(float(jnp.abs(w).max()) for w in jax.tree.leaves(mean_grads))
+    for (path, want), got in zip(flat_want, jax.tree.leaves(grads)):
+        atol = max(2e-5 * float(jnp.abs(want).max()), 1e-6 * scale)
+        np.testing.assert_allclose(got, want, atol=atol, rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))
+    # and the whole-batch weights are another thing
+    whole = gen(loss, x, eps)[3]
+    assert abs(float(whole["d_weight"] - m["d_weight"])) > 1e-4 * float(m["d_weight"])
+
+    (d_loss, (d_stats, _)), d_grads = disc(split_loss, x, x_rec)
+    d_halves = [disc(loss, x[i:i + 2], x_rec[i:i + 2]) for i in (0, 2)]
+    np.testing.assert_allclose(d_loss, (d_halves[0][0][0] + d_halves[1][0][0]) / 2, rtol=1e-5)
+    for got, a, b in zip(jax.tree.leaves(d_grads), jax.tree.leaves(d_halves[0][1]),
+                         jax.tree.leaves(d_halves[1][1])):
+        np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-4, atol=1e-6)
+    for got, want in zip(jax.tree.leaves(d_stats), jax.tree.leaves(d_halves[0][0][1][0])):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+    with pytest.raises(ValueError, match="ddp_replicas=3: a batch of 4 images"):
+        generator_grads(*args, x, eps, step, models=models,
+                        loss=dataclasses.replace(loss, ddp_replicas=3))
+
+
+def test_ddp_replicas_that_do_not_divide_the_batch_are_a_user_error():
+    from launch.cli import UserError
+    from launch.training.adapters import VAVAEAdapter
+
+    config = get_config("tiny")  # global batch 8
+    config.loss.ddp_replicas = 3
+    with pytest.raises(UserError, match=r"ddp_replicas=3: train.global_batch_size=8 does not "
+                                        "split"):
+        VAVAEAdapter(config)

@@ -24,7 +24,12 @@ BatchNorm follows ``torch.nn.BatchNorm2d`` (eps 1e-5, PyTorch momentum 0.1):
 * ``train=False``: normalise with the running statistics.
 
 Under ``jit`` with a batch sharded across devices the statistics are those of the global batch
-(like SyncBatchNorm); upstream's DDP run used per-GPU statistics (8 images per GPU).
+(like SyncBatchNorm); upstream's DDP run used per-GPU statistics (8 images per GPU). With
+``replicas = R > 1`` the batch splits into R equal consecutive groups, each normalised with its
+own statistics, as R DDP processes without SyncBN do; the running statistics then follow group
+0's, because DDP broadcasts rank 0's buffers to every process before each forward pass
+(``broadcast_buffers=True``, its default). The train step sets R from
+``LossConfig.ddp_replicas``; the variables do not depend on it.
 
 Variables::
 
@@ -97,6 +102,7 @@ class TorchBatchNorm(nn.Module):
 
     momentum: float = 0.9
     epsilon: float = 1e-5
+    replicas: int = 1  # train mode: statistics per group of B / replicas samples (module doc)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -116,23 +122,29 @@ class TorchBatchNorm(nn.Module):
         )
 
         x32 = x.astype(jnp.float32)
-        if train:
-            axes = tuple(range(x.ndim - 1))
-            n = x.size // channels
-            if n < 2:
-                raise ValueError(f"BatchNorm in train mode needs > 1 value per channel, got {n}")
-            mean = jnp.mean(x32, axis=axes)
-            var = jnp.mean(jnp.square(x32 - mean), axis=axes)  # biased, two-pass
-            if not self.is_initializing():
-                m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1 - m) * mean
-                ra_var.value = m * ra_var.value + (1 - m) * var * (n / (n - 1))
-                count.value = count.value + 1
-        else:
-            mean, var = ra_mean.value, ra_var.value
-
+        if not train:
+            y = (x32 - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon) * scale + bias
+            return y.astype(x.dtype)
+        groups = self.replicas
+        if groups < 1 or x.shape[0] % groups:
+            raise ValueError(f"{self.name}: a batch of {x.shape[0]} does not split into "
+                             f"{groups} equal replica groups")
+        # (groups, B / groups, ..., C): statistics over all but the first and last axes
+        x32 = x32.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+        axes = tuple(range(1, x32.ndim - 1))
+        n = x.size // (channels * groups)
+        if n < 2:
+            raise ValueError(f"BatchNorm in train mode needs > 1 value per channel, got {n}")
+        mean = jnp.mean(x32, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)  # biased, two-pass
+        if not self.is_initializing():
+            m = self.momentum
+            mean0, var0 = mean[0].reshape(channels), var[0].reshape(channels)  # rank 0's
+            ra_mean.value = m * ra_mean.value + (1 - m) * mean0
+            ra_var.value = m * ra_var.value + (1 - m) * var0 * (n / (n - 1))
+            count.value = count.value + 1
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-        return y.astype(x.dtype)
+        return y.reshape(x.shape).astype(x.dtype)
 
 
 class NLayerDiscriminator(nn.Module):
@@ -144,6 +156,7 @@ class NLayerDiscriminator(nn.Module):
     ndf: int = 64
     n_layers: int = 3
     dtype: Any = jnp.float32  # compute dtype of the convolutions
+    replicas: int = 1  # BatchNorm statistics per replica group in train mode (see above)
 
     def _conv(self, x, features, stride, use_bias, name):
         fan_in = x.shape[-1] * 4 * 4
@@ -170,7 +183,7 @@ class NLayerDiscriminator(nn.Module):
         for n in range(1, self.n_layers + 1):
             stride = 2 if n < self.n_layers else 1  # the last BN block keeps the resolution
             x = self._conv(x, self.ndf * min(2**n, 8), stride, False, f"conv{3 * n - 1}")
-            x = TorchBatchNorm(name=f"bn{3 * n}")(x, train=train)
+            x = TorchBatchNorm(replicas=self.replicas, name=f"bn{3 * n}")(x, train=train)
             x = nn.leaky_relu(x, 0.2)
         return self._conv(x, 1, 1, True, f"conv{3 * self.n_layers + 2}")
 

@@ -84,3 +84,9 @@ def adaptive_weight(grad_main, grad_other, *, max_value: float, eps: float = 1e-
 def adopt_weight(weight: float, global_step: jax.Array, threshold: int) -> jax.Array:
     """taming's schedule: `weight` from `global_step >= threshold` on, 0 before."""
     return jnp.where(global_step >= threshold, weight, 0.0).astype(jnp.float32)
+
+
+def adaptive_weights(grad_main, grad_other, *, max_value: float) -> jax.Array:
+    """`adaptive_weight` per replica (`vavae_jax.replicas`): gradients (R, ...) -> (R,)."""
+    return jax.vmap(lambda a, b: adaptive_weight(a, b, max_value=max_value))(grad_main,
+                                                                             grad_other)

@@ -20,6 +20,11 @@ pulls cotangents back only as far as each quantity needs:
                               gradients of that pass are dead code and removed by XLA)
   total gradient            : one backward through every stage with the combined cotangent.
 
+Upstream ran under DDP, where each GPU takes the adaptive weights from its own 8 images and
+normalises the discriminator's BatchNorm with their statistics; `LossConfig.ddp_replicas = R`
+does the same for R equal groups of the batch (the gradient is then the mean of the groups',
+DDP's all-reduce). The default, 1, takes both over the whole batch.
+
 `global_step` follows PyTorch Lightning's counting with two optimizers (it grows by 2 per
 iteration; the generator sees 2k, the discriminator 2k + 1), so `disc_start=5001` behaves as
 upstream (iteration ~2500).
@@ -40,8 +45,16 @@ from vavae_jax.dinov2 import DinoV2, foundation_features
 from vavae_jax.discriminator import NLayerDiscriminator
 from vavae_jax.distributions import DiagonalGaussian
 from vavae_jax.gan import D_LOSSES, generator_loss
-from vavae_jax.losses import adaptive_weight, adopt_weight, kl_loss, reconstruction_nll, vf_loss
+from vavae_jax.losses import (
+    adaptive_weight,
+    adaptive_weights,
+    adopt_weight,
+    kl_loss,
+    reconstruction_nll,
+    vf_loss,
+)
 from vavae_jax.lpips import LPIPS
+from vavae_jax.replicas import add_replica_axis, per_image, replica_pullbacks, split_replicas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +75,10 @@ class LossConfig:
     distmat_weight: float = 1.0
     cos_weight: float = 1.0
     steps_per_iteration: int = 2  # Lightning increments global_step per optimizer step
+    # R > 1 emulates upstream's R DDP processes: the batch splits into R equal groups, each
+    # with its own adaptive GAN / VF weights and discriminator BatchNorm statistics (upstream:
+    # 32 GPUs x 8 images); 1 takes both over the whole batch
+    ddp_replicas: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +114,11 @@ def make_optimizers(lr: float = 1e-4, b1: float = 0.5, b2: float = 0.9, *,
     return ae, optax.adam(lr, b1=b1, b2=b2)
 
 
+def _discriminator(models: VAEModels, loss: LossConfig):
+    """The discriminator with BatchNorm statistics per replica (`LossConfig.ddp_replicas`)."""
+    return models.discriminator.clone(replicas=loss.ddp_replicas)
+
+
 def _stage(ae: AutoencoderKL, name: str):
     """`ae`'s stage `name` as a function of (its params, input) (see AutoencoderKL.STAGES)."""
     return lambda p, v: ae.apply({"params": p}, v, method=getattr(AutoencoderKL, name))
@@ -126,7 +148,10 @@ def generator_grads(params, disc_params, disc_batch_stats, frozen: dict, x: jax.
         raise NotImplementedError(
             f"autoencoder dropout {ae.dropout}: the train step runs the autoencoder "
             "deterministically (every upstream VA-VAE config uses dropout 0.0)")
-    batch = x.shape[0]
+    batch, replicas = x.shape[0], loss.ddp_replicas
+    if replicas < 1 or batch % replicas:
+        raise ValueError(f"LossConfig.ddp_replicas={replicas}: a batch of {batch} images does "
+                         "not split into that many equal replicas")
 
     # ---- forward, stage by stage, keeping each stage's pullback ----
     stages = ae.split_stage_params(params)
@@ -150,7 +175,7 @@ def generator_grads(params, disc_params, disc_batch_stats, frozen: dict, x: jax.
                                   logvar=loss.logvar)
 
     def g_head(xr):
-        logits, updates = models.discriminator.apply(
+        logits, updates = _discriminator(models, loss).apply(
             {"params": disc_params, "batch_stats": disc_batch_stats}, xr, train=True,
             mutable=["batch_stats"])
         return generator_loss(logits), (updates["batch_stats"], logits)
@@ -161,71 +186,114 @@ def generator_grads(params, disc_params, disc_batch_stats, frozen: dict, x: jax.
     (ct_x_g,) = g_vjp(jnp.ones_like(g_loss))
 
     # ---- GAN weight from gradients at decoder.conv_out (loss heads + last conv only) ----
-    gw_nll, gh_nll = dec_head_vjp(ct_x_nll)
-    gw_g, gh_g = dec_head_vjp(ct_x_g)
-    if loss.disc_factor > 0:
-        d_weight = adaptive_weight(ae.last_conv_kernel(gw_nll), ae.last_conv_kernel(gw_g),
-                                   max_value=1e4)
-        d_weight = d_weight * loss.disc_weight
+    # One weight per replica (`LossConfig.ddp_replicas`), from the gradients of that replica's
+    # own losses: parameter gradients get a leading replica axis (R, ...)
+    if replicas == 1:
+        (gw_nll, gh_nll), (gw_g, gh_g) = (
+            (add_replica_axis(gw), gh) for gw, gh in (dec_head_vjp(ct_x_nll),
+                                                        dec_head_vjp(ct_x_g)))
     else:
-        d_weight = jnp.zeros((), jnp.float32)
+        (gw_nll, gh_nll), (gw_g, gh_g) = replica_pullbacks(
+            _stage(ae, "decoder_head"), stages["decoder_head"], h_dec, (ct_x_nll, ct_x_g),
+            replicas)
+    if loss.disc_factor > 0:
+        d_weight = adaptive_weights(ae.last_conv_kernel(gw_nll), ae.last_conv_kernel(gw_g),
+                                     max_value=1e4) * loss.disc_weight
+    else:
+        d_weight = jnp.zeros((replicas,), jnp.float32)
     disc_factor = adopt_weight(loss.disc_factor, global_step, loss.disc_start)
-    w_gan = d_weight * disc_factor
+    w_gan = d_weight * disc_factor  # (R,)
 
     # ---- VF weight from gradients at encoder.conv_out ----
     use_vf = models.foundation is not None
     ct_z_vf = jnp.zeros_like(z)
-    vf_value = vf_weight = jnp.zeros((), jnp.float32)
+    vf_value = jnp.zeros((), jnp.float32)
+    vf_weight = jnp.zeros((replicas,), jnp.float32)
     grad_proj = None
     if use_vf:
         latent_grid = z.shape[1:3]
         f = foundation_features(models.foundation, frozen["foundation"], x, latent_grid,
                                 imagenet_norm=models.imagenet_norm)
 
-        def vf_head(p_proj, z):
-            z_proj = _stage(ae, "vf_head")(p_proj, z)
+        def vf_of(z_proj, f):
             return vf_loss(z_proj, f, margin_cos=loss.cos_margin, margin_dms=loss.distmat_margin,
                            distmat_weight=loss.distmat_weight, cos_weight=loss.cos_weight)
 
-        vf_value, vf_vjp = jax.vjp(vf_head, stages["vf_head"], z)
-        grad_proj, ct_z_vf = vf_vjp(jnp.ones_like(vf_value))
+        z_proj, proj_vjp = jax.vjp(_stage(ae, "vf_head"), stages["vf_head"], z)
+        vf_value, vf_vjp = jax.vjp(lambda zp: vf_of(zp, f), z_proj)
+        (ct_z_proj,) = vf_vjp(jnp.ones_like(vf_value))
+        grad_proj, ct_z_vf = proj_vjp(ct_z_proj)
         if loss.adaptive_vf:
-            # d nll / dz needs the decoder backward (activation gradients only).
-            ct_z_nll = dec_body_vjp(gh_nll)[1]
-            zeros_kl = jnp.zeros_like(kl)
-            gw_enc_nll = ae.last_conv_kernel(enc_head_vjp(sample_vjp((ct_z_nll, zeros_kl))[0])[0])
-            gw_enc_vf = ae.last_conv_kernel(enc_head_vjp(sample_vjp((ct_z_vf, zeros_kl))[0])[0])
-            vf_weight = adaptive_weight(gw_enc_nll, gw_enc_vf, max_value=1e8) * loss.vf_weight
+            # d nll / dz needs the decoder backward (activation gradients only); gh_nll / R is
+            # the full batch's cotangent (below, `_replica_pullbacks` scales it back)
+            ct_z_nll = dec_body_vjp(gh_nll / replicas)[1]
+            if replicas == 1:
+                zeros_kl = jnp.zeros_like(kl)
+                gw_enc_nll, gw_enc_vf = (
+                    add_replica_axis(enc_head_vjp(sample_vjp((ct, zeros_kl))[0])[0])
+                    for ct in (ct_z_nll, ct_z_vf))
+            else:
+                def moments_to_z(p, h_and_eps):
+                    h, e = h_and_eps
+                    moments = _stage(ae, "encoder_head")(p, h)
+                    return DiagonalGaussian.from_moments(moments).sample_with_eps(e)
+
+                (gw_enc_nll, _), (gw_enc_vf, _) = replica_pullbacks(
+                    moments_to_z, stages["encoder_head"], (h_enc, eps), (ct_z_nll, ct_z_vf),
+                    replicas)
+            vf_weight = adaptive_weights(ae.last_conv_kernel(gw_enc_nll),
+                                          ae.last_conv_kernel(gw_enc_vf),
+                                          max_value=1e8) * loss.vf_weight
         else:
-            vf_weight = jnp.asarray(loss.vf_weight, jnp.float32)
+            vf_weight = jnp.full((replicas,), loss.vf_weight, jnp.float32)
 
     # ---- total gradient: one backward through every stage ----
+    # the mean of the replicas' gradients (DDP's all-reduce): with R > 1 the cotangents above
+    # are R x the full batch's, and each image is weighted by its replica's weights
+    gh = (gh_nll + per_image(w_gan, gh_g) * gh_g) / replicas
     # (the float32 weight must not promote a bf16 cotangent: vjp wants the output's dtype)
-    g_dec_body, ct_z = dec_body_vjp((gh_nll + w_gan * gh_g).astype(gh_nll.dtype))
-    ct_z = ct_z + vf_weight * ct_z_vf
+    g_dec_body, ct_z = dec_body_vjp(gh.astype(gh_nll.dtype))
+    ct_z = ct_z + per_image(vf_weight, ct_z_vf) * ct_z_vf
     ct_kl = jnp.full_like(kl, loss.kl_weight / batch)  # kl_loss = sum(kl) / B
     (ct_moments,) = sample_vjp((ct_z, ct_kl))
     g_enc_head, ct_h_enc = enc_head_vjp(ct_moments)
     (g_enc_body,) = enc_body_vjp(ct_h_enc)
 
+    def decoder_head_grad(nll_r, g_r):  # (R, ...) each -> the mean over the replicas
+        return jnp.mean(nll_r + w_gan.reshape((-1,) + (1,) * (g_r.ndim - 1)) * g_r, axis=0)
+
     stage_grads = {
         "encoder_body": g_enc_body, "encoder_head": g_enc_head, "decoder_body": g_dec_body,
-        "decoder_head": jax.tree.map(lambda a, b: a + w_gan * b, gw_nll, gw_g),
+        "decoder_head": jax.tree.map(decoder_head_grad, gw_nll, gw_g),
     }
     if "vf_head" in stages:
-        stage_grads["vf_head"] = (jax.tree.map(lambda g: vf_weight * g, grad_proj) if use_vf
-                                  else jax.tree.map(jnp.zeros_like, stages["vf_head"]))
+        if not use_vf:
+            stage_grads["vf_head"] = jax.tree.map(jnp.zeros_like, stages["vf_head"])
+        elif replicas == 1:
+            stage_grads["vf_head"] = jax.tree.map(lambda g: vf_weight[0] * g, grad_proj)
+        else:
+            stage_grads["vf_head"] = proj_vjp(per_image(vf_weight, ct_z_proj) * ct_z_proj)[0]
     grads = ae.merge_stage_params(stage_grads)
 
     kl_value = kl_loss(kl)
-    total = nll + loss.kl_weight * kl_value + w_gan * g_loss + vf_weight * vf_value
-    metrics = {
+    if replicas == 1:
+        weighted = w_gan[0] * g_loss + vf_weight[0] * vf_value
+    else:  # each replica's weights times its own losses
+        g_per_replica = -jnp.mean(logits_fake.reshape(replicas, -1), axis=1)
+        weighted = jnp.mean(w_gan * g_per_replica)
+        if use_vf:
+            vf_per_replica = jax.vmap(vf_of)(split_replicas(z_proj, replicas),
+                                             split_replicas(f, replicas))
+            weighted = weighted + jnp.mean(vf_weight * vf_per_replica)
+    total = nll + loss.kl_weight * kl_value + weighted
+    metrics = {  # d_weight / vf_weight: the mean over the replicas
         "total_loss": total, "logvar": jnp.asarray(loss.logvar, jnp.float32),
-        "kl_loss": kl_value, "nll_loss": nll, "rec_loss": rec_loss, "d_weight": d_weight,
-        "disc_factor": disc_factor, "g_loss": g_loss, "logits_fake_g": jnp.mean(logits_fake),
+        "kl_loss": kl_value, "nll_loss": nll, "rec_loss": rec_loss,
+        "d_weight": jnp.mean(d_weight), "disc_factor": disc_factor, "g_loss": g_loss,
+        "logits_fake_g": jnp.mean(logits_fake),
     }
     if use_vf:
-        metrics.update(vf_loss=vf_value, vf_weight=vf_weight)
+        metrics.update(vf_loss=vf_value, vf_weight=jnp.mean(vf_weight))
     return grads, new_batch_stats, jax.lax.stop_gradient(x_rec), metrics
 
 
@@ -292,10 +360,10 @@ def discriminator_loss(disc_params, disc_batch_stats, x, x_rec, global_step, *,
     """disc_factor_t * D-loss(D(x), D(x_rec)) with two train-mode passes (real, then fake),
     each normalising with its own batch statistics, as upstream. Returns (loss, aux)."""
     variables = {"params": disc_params, "batch_stats": disc_batch_stats}
-    logits_real, upd = models.discriminator.apply(variables, x, train=True,
-                                                  mutable=["batch_stats"])
+    discriminator = _discriminator(models, loss)
+    logits_real, upd = discriminator.apply(variables, x, train=True, mutable=["batch_stats"])
     variables = {"params": disc_params, "batch_stats": upd["batch_stats"]}
-    logits_fake, upd = models.discriminator.apply(variables, jax.lax.stop_gradient(x_rec),
+    logits_fake, upd = discriminator.apply(variables, jax.lax.stop_gradient(x_rec),
                                                   train=True, mutable=["batch_stats"])
     disc_factor = adopt_weight(loss.disc_factor, global_step, loss.disc_start)
     d_loss = disc_factor * D_LOSSES[loss.disc_loss](logits_real, logits_fake)

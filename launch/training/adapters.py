@@ -191,13 +191,18 @@ class VAVAEAdapter:
     """VA-VAE (autoencoder + PatchGAN, frozen DINOv2 / LPIPS) on images."""
 
     def __init__(self, config):
+        from launch.cli import UserError
+
         self.config = config
         if config.train.get("grad_accum_steps", 1) != 1:
-            from launch.cli import UserError
-
             raise UserError("train.grad_accum_steps: the VA-VAE's adaptive loss weights are "
                              "gradient norms of the whole batch, so micro-batches would change "
                              "the objective; use 1 (a smaller global batch, or more devices)")
+        replicas, batch = config.loss.get("ddp_replicas", 1), config.train.global_batch_size
+        if not isinstance(replicas, int) or replicas < 1 or batch % replicas:
+            raise UserError(f"config.loss.ddp_replicas={replicas!r}: train.global_batch_size="
+                            f"{batch} does not split into that many equal replicas (upstream: "
+                            "32 for 32 GPUs x 8 images)")
         self.models, self.loss, (self.ae_opt, self.disc_opt) = build.vavae_models(config)
         self.image_size = config.data.image_size
 
