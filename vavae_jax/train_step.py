@@ -279,7 +279,7 @@ def generator_grads(params, disc_params, disc_batch_stats, frozen: dict, x: jax.
     if replicas == 1:
         weighted = w_gan[0] * g_loss + vf_weight[0] * vf_value
     else:  # each replica's weights times its own losses
-        g_per_replica = -jnp.mean(logits_fake.reshape(replicas, -1), axis=1)
+        g_per_replica = jax.vmap(generator_loss)(split_replicas(logits_fake, replicas))
         weighted = jnp.mean(w_gan * g_per_replica)
         if use_vf:
             vf_per_replica = jax.vmap(vf_of)(split_replicas(z_proj, replicas),
@@ -364,7 +364,7 @@ def discriminator_loss(disc_params, disc_batch_stats, x, x_rec, global_step, *,
     logits_real, upd = discriminator.apply(variables, x, train=True, mutable=["batch_stats"])
     variables = {"params": disc_params, "batch_stats": upd["batch_stats"]}
     logits_fake, upd = discriminator.apply(variables, jax.lax.stop_gradient(x_rec),
-                                                  train=True, mutable=["batch_stats"])
+                                           train=True, mutable=["batch_stats"])
     disc_factor = adopt_weight(loss.disc_factor, global_step, loss.disc_start)
     d_loss = disc_factor * D_LOSSES[loss.disc_loss](logits_real, logits_fake)
     aux = (upd["batch_stats"], {"disc_loss": d_loss, "logits_real": jnp.mean(logits_real),
