@@ -309,8 +309,10 @@ def test_gradient_accumulation_through_the_loop(latents, uninterrupted, tmp_path
                                rtol=1e-5)
 
 
-def test_vavae_step_traces_in_bfloat16():
-    """bf16 compute: the stage-wise vjps get cotangents of their outputs' dtype."""
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_vavae_step_traces_in_bfloat16(replicas):
+    """bf16 compute: the stage-wise vjps get cotangents of their outputs' dtype (with one
+    replica, and with per-replica weights)."""
     from flax import linen as nn
 
     from configs.vavae import get_config as vavae_config
@@ -318,6 +320,7 @@ def test_vavae_step_traces_in_bfloat16():
 
     c = vavae_config("tiny")
     c.model.dtype = "bfloat16"
+    c.loss.ddp_replicas = replicas
     adapter = VAVAEAdapter(c)
     state = nn.meta.unbox(jax.eval_shape(adapter.init_state, jax.random.key(0)))
     vit, x = adapter.models.foundation, jax.ShapeDtypeStruct((1, 28, 28, 3), np.float32)
