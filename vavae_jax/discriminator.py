@@ -129,17 +129,19 @@ class TorchBatchNorm(nn.Module):
         if groups < 1 or x.shape[0] % groups:
             raise ValueError(f"{self.name}: a batch of {x.shape[0]} does not split into "
                              f"{groups} equal replica groups")
-        # (groups, B / groups, ..., C): statistics over all but the first and last axes
-        x32 = x32.reshape(groups, x.shape[0] // groups, *x.shape[1:])
-        axes = tuple(range(1, x32.ndim - 1))
+        if groups > 1:  # (groups, B / groups, ..., C): statistics per group
+            x32 = x32.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+        axes = tuple(range(1 if groups > 1 else 0, x32.ndim - 1))
         n = x.size // (channels * groups)
         if n < 2:
             raise ValueError(f"BatchNorm in train mode needs > 1 value per channel, got {n}")
-        mean = jnp.mean(x32, axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)  # biased, two-pass
+        mean = jnp.mean(x32, axis=axes, keepdims=groups > 1)
+        var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=groups > 1)  # biased
         if not self.is_initializing():
             m = self.momentum
-            mean0, var0 = mean[0].reshape(channels), var[0].reshape(channels)  # rank 0's
+            # rank 0's statistics (the first group's)
+            mean0, var0 = (mean[0].reshape(channels), var[0].reshape(channels)) if groups > 1 \
+                else (mean, var)
             ra_mean.value = m * ra_mean.value + (1 - m) * mean0
             ra_var.value = m * ra_var.value + (1 - m) * var0 * (n / (n - 1))
             count.value = count.value + 1
