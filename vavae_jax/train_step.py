@@ -225,7 +225,7 @@ def generator_grads(params, disc_params, disc_batch_stats, frozen: dict, x: jax.
         grad_proj, ct_z_vf = proj_vjp(ct_z_proj)
         if loss.adaptive_vf:
             # d nll / dz needs the decoder backward (activation gradients only); gh_nll / R is
-            # the full batch's cotangent (below, `_replica_pullbacks` scales it back)
+            # the full batch's cotangent (`replica_pullbacks` scales it back by R)
             ct_z_nll = dec_body_vjp(gh_nll / replicas)[1]
             if replicas == 1:
                 zeros_kl = jnp.zeros_like(kl)
