@@ -7,7 +7,8 @@
 Both files are in the ADM evaluator's layout (`arr_0` uint8 NHWC images and/or `mu`, `sigma`,
 `mu_s`, `sigma_s` statistics); ADM's reference batches load as they are. The last line printed
 is one JSON object with `fid` and, where the inputs allow, `sfid`, `is`, `precision`, `recall`.
-When both files hold only statistics, no network is needed. `--save_stats PATH` writes the
+When both files hold only statistics, no network is needed. Precision and recall use ADM's
+float16 distances (`--pr_distances float32` for float32 ones). `--save_stats PATH` writes the
 samples' statistics (a reference batch for later runs).
 
 The features come from pytorch-fid's FID Inception ported to Flax (`eval_jax.inception`), the
@@ -34,6 +35,10 @@ _SAVE_STATS = flags.DEFINE_string("save_stats", None,
                                   "Write the samples' feature statistics to this .npz.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 200, "Images per Inception batch (global).",
                                    lower_bound=1)
+_PR_DISTANCES = flags.DEFINE_enum(
+    "pr_distances", "float16", ["float16", "float32"],
+    "Squared distances for precision / recall: float16 as the ADM evaluator computes them on a "
+    "GPU (float32 where a block overflows), or float32.")
 cli.path_flag("output")
 cli.path_flag("save_stats")
 
@@ -63,7 +68,8 @@ def main(argv):
         evaluation.save_statistics(_SAVE_STATS.value, features)
         samples.stats = evaluation.metrics.feature_statistics(features["pool"])
     try:
-        result = evaluation.evaluate(samples, reference, extract)
+        result = evaluation.evaluate(samples, reference, extract,
+                                     pr_distances=_PR_DISTANCES.value)
     except evaluation.BatchFileError as e:
         raise cli.UserError(str(e)) from e
     logging.info("evaluated in %.1fs", time.perf_counter() - start)

@@ -144,7 +144,8 @@ def _features(batch: Batch, extract: FeatureExtractor | None, what: str) -> dict
 
 
 def evaluate(samples: Batch, reference: Batch, extract: FeatureExtractor | None,
-             *, pr_neighbours: int = 3, is_split: int = 5000) -> dict[str, float]:
+             *, pr_neighbours: int = 3, is_split: int = 5000,
+             pr_distances: str = "float16") -> dict[str, float]:
     """ADM-evaluator metrics of `samples` against `reference` (see the module docstring).
 
     Statistics stored in a file take precedence over its images (as in the ADM evaluator);
@@ -175,8 +176,14 @@ def evaluate(samples: Batch, reference: Batch, extract: FeatureExtractor | None,
     if sample_feats is not None and "logits" in sample_feats:
         result["is"] = metrics.inception_score(sample_feats["logits"], splits_of=is_split)
     if sample_feats is not None and ref_feats is not None:
+        fewest = min(len(ref_feats["pool"]), len(sample_feats["pool"]))
+        if fewest <= pr_neighbours:
+            raise BatchFileError(f"precision / recall with k = {pr_neighbours} neighbours need "
+                                 f"more than {pr_neighbours} images on each side; "
+                                 f"{samples.path}: {len(sample_feats['pool'])}, "
+                                 f"{reference.path}: {len(ref_feats['pool'])}")
         precision, recall = metrics.precision_recall(ref_feats["pool"], sample_feats["pool"],
-                                                     k=pr_neighbours)
+                                                     k=pr_neighbours, distances=pr_distances)
         result.update(precision=precision, recall=recall)
     return {k: float(v) for k, v in result.items()}
 

@@ -55,6 +55,20 @@ def test_stored_statistics_take_precedence_over_images(tmp_path):
     assert (result["precision"], result["recall"]) == (p, r)
 
 
+def test_precision_recall_distances_and_too_few_images(tmp_path):
+    samples, reference = _images(2, n=40), _images(3, n=40)
+    want = metrics.precision_recall(_extract(reference)["pool"], _extract(samples)["pool"],
+                                    distances="float32")
+    result = evaluation.evaluate(evaluation.Batch("s", images=samples),
+                                 evaluation.Batch("r", images=reference), _extract,
+                                 pr_distances="float32")
+    assert (result["precision"], result["recall"]) == want
+    with pytest.raises(evaluation.BatchFileError,
+                       match="k = 3 neighbours need more than 3 images on each side; s: 3, r: 40"):
+        evaluation.evaluate(evaluation.Batch("s", images=samples[:3]),
+                            evaluation.Batch("r", images=reference), _extract)
+
+
 @pytest.mark.parametrize("arrays, message", [
     ({"arr_0": np.zeros((2, 8, 8), np.uint8)}, "uint8 images"),
     ({"arr_0": np.zeros((2, 8, 8, 3), np.float32)}, "uint8 images"),
@@ -98,6 +112,8 @@ def test_cli_user_mistakes_are_one_line(tmp_path):
          "does not exist"),
         (["--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "s.npz")],
          "--inception"),
+        (["--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "s.npz"),
+          "--pr_distances", "float64"], "float16"),
     ):
         proc = _evaluate_cli(*args)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -131,7 +147,7 @@ def test_cli_with_a_random_inception_file(tmp_path):
                weights)
     np.savez(tmp_path / "s.npz", arr_0=_images(0, n=6, size=32))
     np.savez(tmp_path / "r.npz", arr_0=_images(1, n=6, size=32))
-    common = ["--inception", str(weights), "--batch_size", "6"]
+    common = ["--inception", str(weights), "--batch_size", "6", "--pr_distances", "float32"]
     proc = _evaluate_cli("--samples", str(tmp_path / "s.npz"), "--reference",
                          str(tmp_path / "r.npz"), "--save_stats", str(tmp_path / "stats.npz"),
                          *common)
