@@ -50,10 +50,11 @@ def add_xla_flags(flags: str) -> None:
 DTYPES = ("float32", "bfloat16")
 
 
-def common_args(parser, *, steps: int = 5, warmup: int = 2) -> None:
-    parser.add_argument("--dtype", default="float32", choices=DTYPES,
-                        help="compute dtype (bench.compare: train_b1 / sample_b1 on both sides; "
-                             "the VA-VAE stays float32)")
+def common_args(parser, *, steps: int = 5, warmup: int = 2, dtype: bool = True) -> None:
+    if dtype:
+        parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                            help="compute dtype (bench.compare: train_b1 / sample_b1 on both "
+                                 "sides; the VA-VAE stays float32)")
     parser.add_argument("--steps", type=positive_int, default=steps,
                         help="timed calls (median taken)")
     parser.add_argument("--warmup", type=nonnegative_int, default=warmup,

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bench import ab, compare, profile_step, sample, train_step, vae
+from bench import ab, compare, precision_recall, profile_step, sample, train_step, vae
 from bench.common import cost_flops
 from bench.flops import lightningdit_forward_flops, matmul_flops
 from dit_jax import RELEASED_FLAGS, LightningDiT, lightningdit_kwargs
@@ -134,6 +134,20 @@ def test_vae(capsys):
     r = last_json(capsys)
     assert {"encode_s", "decode_s", "compile_s", "device"} <= set(r)
     assert r["latent_shape"] == [8, 8, 4]
+
+
+def test_precision_recall(capsys):
+    from eval_jax import metrics
+
+    for distances in ("float16", "float32"):
+        precision_recall.main(["--num_real", "40", "--num_fake", "30", "--dim", "16",
+                               "--distances", distances, "--steps", "1", "--warmup", "0"])
+        r = last_json(capsys)
+        assert {"seconds", "tflops_per_s", "device"} <= set(r)
+        assert r["distance_flops"] == 2 * 16 * (40 * 40 + 30 * 30 + 40 * 30)
+        want = metrics.precision_recall(precision_recall.features(40, 16, 0),
+                                        precision_recall.features(30, 16, 1), distances=distances)
+        assert (r["precision"], r["recall"]) == want
 
 
 def test_conv_grad(capsys):
