@@ -77,13 +77,15 @@ def _leave_process_group(error: Exception) -> None:
     """Print `error` (one line, or the traceback of a bug) and exit at once. A normal exit waits
     at jax.distributed's shutdown barrier (5 minutes) for the other processes, which are waiting
     in a collective for this one; gone, it is noticed by the coordination service, which stops
-    them within its heartbeat timeout (100 s)."""
+    them within its heartbeat timeout (100 s). An error raised on every process at once
+    (`every_process`: bad input the processes agreed on) needs no such note."""
     if isinstance(error, user_errors()):
         print(f"error: {error}", file=sys.stderr)
     else:
         traceback.print_exc()
-    print(f"error: process {sys.modules['jax'].process_index()} stopped; the others stop when "
-          "the coordination service notices (up to 100 s)", file=sys.stderr)
+    if not getattr(error, "every_process", False):
+        print(f"error: process {sys.modules['jax'].process_index()} stopped; the others stop "
+              "when the coordination service notices (up to 100 s)", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)

@@ -8,9 +8,9 @@ With `config.transfer_guard` = 'log' or 'disallow', every iteration after the fi
 that compiles) runs under `jax.transfer_guard`: the loop's intended copies are explicit (the
 batch by `jax.make_array_from_process_local_data`, metrics by `jax.device_get` every
 `log_every` steps, sample grids by `jax.device_put` / `jax.device_get`) or exempt (checkpoint
-saves, the grid tokenizer's one-time load, the multi-host stop-signal exchange), so any other
-host<->device or device<->device copy in the steady state is logged or raises. (XLA:CPU never
-guards device-to-host reads: numpy shares the buffer, jax-ml/jax#16602.)
+saves, the grid tokenizer's one-time load, the multi-host exchange of stop signals and input
+failures), so any other host<->device or device<->device copy in the steady state is logged or
+raises. (XLA:CPU never guards device-to-host reads: numpy shares the buffer, jax-ml/jax#16602.)
 
 Rerunning the same command in the same workdir continues where the last checkpoint left off,
 bit-identically on the same mesh: the state, the data position and every random key (derived
@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import linen as nn
-from jax.experimental import multihost_utils
 
-from launch import sharding
+from launch import agreement, sharding
 from launch.cli import UserError
+from launch.data.sources import DataError
 from launch.training.adapters import make_adapter
 from launch.training.checkpointing import Checkpointer, abstract_with_shardings
 from launch.training.metrics import MetricLogger
@@ -60,13 +60,11 @@ class StopSignal:
                         signal.Signals(signum).name)
         self.received = signum
 
-    def agreed(self) -> bool:
-        """True on every process when any process got a signal (one collective)."""
-        if jax.process_count() == 1:
-            return self.received is not None
-        with jax.transfer_guard("allow"):  # an intended exchange of one flag per process
-            flags = multihost_utils.process_allgather(np.int32(self.received is not None))
-        return bool(np.any(flags))
+    def agreed(self, failure: agreement.LocalFailure | None = None) -> bool:
+        """True on every process when any process got a signal (one collective on several
+        processes); raises `agreement.InputFailed` on every process when any process reports
+        an input `failure`."""
+        return agreement.exchange(self.received is not None, failure)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -130,7 +128,18 @@ def train(config, workdir: str) -> dict:
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
 
     # -- data: opened first, so a wrong path fails before any weights are allocated -------------
-    data = adapter.make_iterator(global_batch_size=batch_size, mesh=mesh)
+    try:
+        data, failure = adapter.make_iterator(global_batch_size=batch_size, mesh=mesh), None
+    except DataError as e:
+        if jax.process_count() == 1:
+            raise
+        data, failure = None, agreement.LocalFailure("before the first step", str(e))
+    try:
+        agreement.exchange(False, failure)  # several processes: all stop if one cannot read
+    except agreement.InputFailed:
+        if data is not None:
+            data.close()
+        raise
 
     # -- state: restored, or born sharded ------------------------------------------------------
     abstract_boxed = jax.eval_shape(adapter.init_state, init_rng)
@@ -176,8 +185,18 @@ def train(config, workdir: str) -> dict:
         while step < config.total_steps:
             if step == start_step + 1 and guard_level != "allow":
                 guard.enter_context(jax.transfer_guard(guard_level))
-            batch = next(data)
+            if failure is None:
+                try:
+                    batch = next(data)
+                except DataError as e:
+                    if jax.process_count() == 1:
+                        raise
+                    # several processes: step on the last batch until the next exchange, so
+                    # that the others are not left waiting in the step's collectives
+                    failure = agreement.LocalFailure(f"at step {step + 1}", str(e))
+                    logging.error("bad input at step %d: %s", step + 1, e)
             if step_fn is None:
+                agreement.exchange(False, failure)  # no last batch to step on yet
                 batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
                 one_step = adapter.step
                 if config.get("nan_policy", "stop") == "skip":
@@ -195,8 +214,17 @@ def train(config, workdir: str) -> dict:
             if step == start_step + 1:
                 logger.start(step)  # throughput excludes compilation
 
+            # -- agreement: signals and bad input (several processes decide together every
+            # `signal_check_every` steps and before anything is written; one: every step) ----
+            log_now = step % config.log_every == 0 or step == config.total_steps
+            grid_now = bool(config.get("sample_every")) and step % config.sample_every == 0
+            save_now = step % config.ckpt_every == 0 or step == config.total_steps
+            check = (jax.process_count() == 1 or log_now or grid_now or save_now
+                     or step % config.get("signal_check_every", 10) == 0)
+            signalled = check and stop.agreed(failure)
+
             # -- metrics, grids ------------------------------------------------------------
-            if step % config.log_every == 0 or step == config.total_steps:
+            if log_now:
                 fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()})
                            for s, m in history]
                 check_finite(fetched, config.get("nan_policy", "stop"))
@@ -204,19 +232,17 @@ def train(config, workdir: str) -> dict:
                         for k in fetched[-1][1]}
                 last = logger.write(step, mean)
                 history = []
-            if config.get("sample_every") and step % config.sample_every == 0:
+            if grid_now:
                 step_on_mesh = jax.make_array_from_process_local_data(
                     replicated, np.asarray(step, np.uint32))
                 grid = adapter.visualise(state, batch, jax.random.fold_in(step_rng, step_on_mesh))
                 logger.write_grid(step, "samples", grid)
 
             # -- checkpoints, preemption ---------------------------------------------------
-            # a signal is agreed on every `signal_check_every` steps (one tiny collective on
-            # several processes; every step on one)
-            check = jax.process_count() == 1 or step % config.get("signal_check_every", 10) == 0
-            preempted = (check and stop.agreed()) or checkpointer.reached_preemption(step)
-            if (step % config.ckpt_every == 0 or step == config.total_steps
-                    or preempted):
+            preempted = signalled or checkpointer.reached_preemption(step)
+            if preempted and not check:
+                stop.agreed(failure)  # orbax's preemption point: agree on the input first
+            if save_now or preempted:
                 checkpointer.save(step, state=state,
                                   params=adapter.inference_params(state),
                                   data_state=data.get_state(), config=config_dict(config),
@@ -229,7 +255,8 @@ def train(config, workdir: str) -> dict:
         guard.close()
         stop.restore()
         checkpointer.close()  # waits for the last asynchronous save
-        data.close()
+        if data is not None:
+            data.close()
         logger.close()
     if step_fn is not None:
         last["compilations"] = step_fn._cache_size()  # noqa: SLF001 (recompilation check)
