@@ -195,11 +195,23 @@ def test_an_extraction_killed_before_its_summary_is_redone_by_prepare(extracted,
 
 
 def test_two_processes_write_per_rank_shards_equal_to_one_process(extracted, tmp_path):
+    """First with a bad-image limit that process 0's broken file exceeds in its shard 1: both
+    processes stop there with its message, keeping shard 0. The rerun continues from it."""
     _, tree, out, _ = extracted
-    run_processes(["-m", "launch.extract_latents", "--config", "configs/vavae.py:tiny",
-                   f"--config.data.path={tree}", "--config.data.procedural_images_per_class=0",
-                   "--config.extract.batch_size=8", "--config.extract.shard_size=10",
-                   "--workdir", str(tmp_path)])
+    args = ["-m", "launch.extract_latents", "--config", "configs/vavae.py:tiny",
+            f"--config.data.path={tree}", "--config.data.procedural_images_per_class=0",
+            "--config.extract.batch_size=8", "--config.extract.shard_size=10",
+            "--workdir", str(tmp_path)]
+    results = run_processes([*args, "--config.data.bad_fraction_min_items=1"], check=False)
+    assert [returncode for returncode, _, _ in results] == [1, 1]
+    for _, _, err in results:
+        assert "Traceback" not in err, err[-3000:]
+        assert err.strip().splitlines()[-1].startswith(
+            "error: bad input on process 0 in shard 1: 1 of 20 images could not be decoded, "
+            "more than config.data.max_bad_fraction=0.01")
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "latents_rank00_shard000.safetensors", "latents_rank01_shard000.safetensors"]
+    run_processes(args)
     one = {k: np.concatenate([read(out / f)[0][k] for f in SHARDS])
            for k in ("latents", "latents_flip", "labels")}
     kept = np.delete(np.arange(51), 20)  # file 20 is the broken one

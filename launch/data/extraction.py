@@ -20,7 +20,7 @@ from absl import logging
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from launch import cli, params_io, sharding
+from launch import agreement, cli, params_io, sharding
 from launch.build import autoencoder
 from launch.data import latents as latent_files
 from launch.data.image_pipeline import prepare_source
@@ -30,6 +30,8 @@ from launch.data.sources import DataError, ImageSource, reject_url
 
 LAYOUT_FILE = "extraction.json"  # what a resumed run must agree with
 SUMMARY_FILE = "summary.json"
+KEEP_SHARDS = ("the shards written so far are kept: fix the input and rerun the same command to "
+               "continue")
 
 
 class LoadForExtraction(grain.transforms.Map):
@@ -156,14 +158,26 @@ class ShardEncoder:
                       "label": np.zeros((0,), np.int64), "index": np.zeros((0,), np.int64),
                       "ok": np.zeros((0,), bool)}
 
-    def __call__(self, batches, num_batches: int, progress) -> tuple[dict, np.ndarray]:
+    def __call__(self, batches, num_batches: int, progress) -> tuple[dict, np.ndarray, str]:
         """Run `num_batches` global steps (every process runs as many, padding its own) and
-        return this process's {'latents', 'latents_flip' NCHW, 'labels'} and skipped indices."""
+        return this process's {'latents', 'latents_flip' NCHW, 'labels'}, skipped indices, and
+        its input's error message ('' if none). An input error on one of several processes
+        pads the shard's remaining steps, so the others are not left waiting in them; the
+        processes then agree to stop (`launch.agreement`)."""
         outputs = {"latents": [], "latents_flip": [], "labels": []}
         skipped = []
+        failure = ""
         put = jax.make_array_from_process_local_data
         for _ in range(num_batches):
-            host = next(batches, None) or self.empty  # no images left here: a padding batch
+            host = None
+            if not failure:
+                try:
+                    host = next(batches, None)
+                except DataError as e:
+                    if jax.process_count() == 1:
+                        raise
+                    failure = str(e)
+            host = host or self.empty  # no images left here (or unreadable): a padding batch
             real = len(host["index"])
             pad = self.local_batch - real
             images = np.pad(host["image"], ((0, pad), (0, 0), (0, 0), (0, 0)))
@@ -181,7 +195,7 @@ class ShardEncoder:
             skipped.append(host["index"][~keep])
             progress.update(real)
         return ({k: np.concatenate(v) for k, v in outputs.items()},
-                np.concatenate(skipped).astype(np.int64))
+                np.concatenate(skipped).astype(np.int64), failure)
 
 
 def extract_latents(config, workdir: str, checkpoint: str | None = None) -> None:
@@ -229,17 +243,21 @@ def extract_latents(config, workdir: str, checkpoint: str | None = None) -> None
                 continue
             batches = shard_batches(source, mine[lo:hi], data, local_batch)
             num_batches = math.ceil(max(len(items[r][lo:hi]) for r in owners) / local_batch)
-            outputs, skipped = encode_shard(batches, num_batches, progress)
+            outputs, skipped, failure = encode_shard(batches, num_batches, progress)
             if hasattr(batches, "close"):
                 batches.close()
             names = [source.describe(int(i)) for i in skipped]
             for name in names[:10]:
                 logging.warning("skipped undecodable image %s", name)
             seen, num_skipped = seen + len(mine[lo:hi]), num_skipped + len(names)
-            if seen >= data.bad_fraction_min_items and num_skipped > data.max_bad_fraction * seen:
-                raise DataError(f"{num_skipped} of {seen} images could not be decoded, more than "
-                                f"config.data.max_bad_fraction={data.max_bad_fraction}; e.g. "
-                                + ", ".join(names[:5]))
+            if (not failure and seen >= data.bad_fraction_min_items
+                    and num_skipped > data.max_bad_fraction * seen):
+                failure = (f"{num_skipped} of {seen} images could not be decoded, more than "
+                           f"config.data.max_bad_fraction={data.max_bad_fraction}; e.g. "
+                           + ", ".join(names[:5]))
+            # one process raises its DataError here; several agree first, so all stop together
+            agreement.exchange(False, agreement.LocalFailure(f"in shard {shard}", failure)
+                               if failure else None, remedy=KEEP_SHARDS)
             if len(mine[lo:hi]):
                 latent_files.write_latent_shard(
                     shard_path(workdir, rank, shard), outputs["latents"], outputs["latents_flip"],
