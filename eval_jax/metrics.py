@@ -5,12 +5,15 @@
   samples than the 2048 feature dimensions) give a finite, correct value instead of the complex
   or NaN results `scipy.linalg.sqrtm` can return.
 - `precision_recall`: improved precision / recall (Kynkaanniemi et al. 2019) with k-NN balls
-  (k = 3) as the ADM evaluator computes them. By default the squared distances are ADM's
-  float16 ones as its TensorFlow graph computes them on a GPU: features, squares and each
-  elementwise step rounded to float16, the row sums and the matmul accumulated in float32, and
-  a 10,000 x 10,000 block redone in float32 where float16 overflows. Rounding to float16 moves
-  borderline points across a ball's edge, so float32 distances (`distances='float32'`) move
-  precision and recall in the third decimal.
+  (k = 3) as the ADM evaluator computes them, in its 10,000 x 10,000 blocks. By default the
+  squared distances are in float16 as in ADM's TensorFlow graph: features, squares, products
+  and each elementwise step rounded to float16, a block redone in float32 where float16
+  overflows. Two sums accumulate in float32 here: the matmul's (as cuBLAS does for TF's float16
+  matmul on a GPU) and the squared norms'. ADM's TensorFlow sums the norms in float16, in the
+  order of its reduction kernel (CUB's on a GPU, Eigen's on a CPU), which is not reproduced.
+  Rounding moves borderline points across a ball's edge: float32 distances
+  (`distances='float32'`) change precision and recall in the third decimal, and so does
+  float16 accumulation (README, "Evaluation").
 - `inception_score`: exp(E KL(p(y|x) || p(y))) averaged over splits, as the ADM evaluator.
 """
 
@@ -73,8 +76,9 @@ def _round_to_float16(x: jax.Array) -> jax.Array:
 
 
 class _Rows(NamedTuple):
-    """Features (N, D) float32 with their squared norms (N,), in float32 and as ADM's graph
-    computes them in float16. Summed once here, not in every block: the same values."""
+    """Features (N, D) float32 with their squared norms (N,): float32, and float16 (squares of
+    the float16 features, rounded, summed in float32, rounded). Summed once here, not in every
+    block: the same values."""
 
     x: jax.Array
     norms: jax.Array
@@ -107,9 +111,10 @@ def _distances_float32(u: _Rows, v: _Rows) -> jax.Array:
 
 
 def _distances_float16(u: _Rows, v: _Rows) -> jax.Array:
-    """The same formula with every value rounded to float16, as ADM's TensorFlow graph runs
-    it on a GPU: float16 features, squares and elementwise steps; float32 accumulation inside
-    the row sums and the matmul. Non-finite where float16 overflows; not yet clipped at 0."""
+    """The same formula with every value rounded to float16, as in ADM's TensorFlow graph:
+    float16 features, products and elementwise steps; the matmul accumulates in float32 (and
+    the norms, see the module docstring). Non-finite where float16 overflows; not yet clipped
+    at 0."""
     u16, v16 = _round_to_float16(u.x), _round_to_float16(v.x)
     mm = _round_to_float16(jnp.matmul(u16, v16.T, precision=jax.lax.Precision.HIGHEST))
     d = _round_to_float16(u.norms16[:, None] - _round_to_float16(2.0 * mm))
@@ -180,7 +185,7 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, *,
     """Precision: fraction of `fake` (Nf, D) inside the real manifold (the union of each real
     feature's k-NN ball); recall: fraction of `real` (Nr, D) inside the fake manifold.
 
-    `distances='float16'` computes them as the ADM evaluator on a GPU (see the module
+    `distances='float16'` rounds them to float16 as the ADM evaluator does (see the module
     docstring), in ADM's `block` x `block` blocks, each falling back to float32 where float16
     overflows; 'float32' computes them all in float32."""
     float16 = _check_distances(distances)

@@ -37,8 +37,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 200, "Images per Inception batc
                                    lower_bound=1)
 _PR_DISTANCES = flags.DEFINE_enum(
     "pr_distances", "float16", ["float16", "float32"],
-    "Squared distances for precision / recall: float16 as the ADM evaluator computes them on a "
-    "GPU (float32 where a block overflows), or float32.")
+    "Squared distances for precision / recall: rounded to float16 as in the ADM evaluator "
+    "(float32 where a block overflows; see eval_jax.metrics), or float32.")
 cli.path_flag("output")
 cli.path_flag("save_stats")
 
