@@ -14,15 +14,19 @@ types:
 Every convolution is a ``BasicConv2d``: conv without bias, BatchNorm (eps 0.001, running
 statistics only: the network is never trained here) and ReLU.
 
-Preprocessing follows ``pytorch_fid.inception.InceptionV3(resize_input=True,
-normalize_input=True)``: pytorch-fid expects images in [0, 1] and resizes them to 299x299 with
-``F.interpolate(mode='bilinear', align_corners=False)`` (no antialiasing, also when shrinking),
-then maps them to [-1, 1] with ``2x - 1``. This module takes [0, 255] images, divides by 255 and
-then does exactly that. (`jax.image.resize` antialiases when downsampling, so the resize here is
-written out: `resize_bilinear`.) The ADM evaluator instead feeds [0, 255] images to the
-TensorFlow graph, which resizes them inside the graph with TF1's ``ResizeBilinear``; that resize
-is not reproduced here, so features match pytorch-fid's (to float32 rounding) and differ
-slightly from the TF graph's whenever an image is resized.
+Preprocessing (`InceptionV3.preprocess`), from [0, 255] images:
+
+* ``'pytorch_fid'`` (the default) follows ``pytorch_fid.inception.InceptionV3(resize_input=True,
+  normalize_input=True)``: pytorch-fid expects images in [0, 1] and resizes them to 299x299
+  with ``F.interpolate(mode='bilinear', align_corners=False)`` (no antialiasing, also when
+  shrinking), then maps them to [-1, 1] with ``2x - 1``. This module divides by 255 and then
+  does exactly that. (`jax.image.resize` antialiases when downsampling, so the resize here is
+  written out: `resize_bilinear`.) Features match pytorch-fid's to float32 rounding; upstream's
+  rFID and quick-FID tools use them.
+* ``'adm'`` follows the TensorFlow graph itself, which the ADM evaluator feeds [0, 255] images
+  (at its ``ExpandDims:0`` node): TF1's ``ResizeBilinear`` to 299x299 (no half-pixel centres:
+  `resize_bilinear_tf1`, equal to TensorFlow's), then its ``Sub`` 128 and ``Mul`` 1/128 nodes.
+  The reference batches' statistics (``VIRTUAL_imagenet256_labeled.npz``) were computed so.
 
 Outputs (`InceptionV3.__call__`), all float32:
 
@@ -67,6 +71,7 @@ import numpy as np
 from flax import linen as nn
 
 RESOLUTION = 299  # network input size after resizing
+PREPROCESS = ("pytorch_fid", "adm")  # InceptionV3.preprocess
 NUM_CLASSES = 1008  # the 2015 graph's softmax width (1000 ImageNet classes + 8 unused)
 POOL_DIM = 2048
 SPATIAL_CHANNELS = 7  # ADM's sFID keeps mixed_6/conv[..., :7]
@@ -119,6 +124,41 @@ def resize_bilinear(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
     ``F.interpolate(x, size, mode='bilinear', align_corners=False)`` (``antialias=False``) for
     up- and downsampling alike. Separable: rows first, then columns."""
     return _resize_axis(_resize_axis(x, 1, size[0]), 2, size[1])
+
+
+def _tf1_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of TF1's ``ResizeBilinear`` (``align_corners=False``,
+    ``half_pixel_centers=False``, the 2015 Inception graph's op) along one axis.
+
+    Output pixel i samples ``src = i * (in / out)`` (float32 product and quotient; no half-pixel
+    offset), mixing ``floor(src)`` and ``ceil(src)`` (clamped to the last pixel) with weight
+    ``src - floor(src)``. Returns (lo (out,), hi (out,), frac (out,) float32)."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.arange(out_size, dtype=np.float32) * scale
+    lo = np.maximum(np.floor(src).astype(np.int64), 0)
+    hi = np.minimum(np.ceil(src).astype(np.int64), in_size - 1)
+    frac = (src - np.floor(src)).astype(np.float32)
+    return lo, hi, frac
+
+
+def _resize_axis_tf1(x: jnp.ndarray, axis: int, out_size: int) -> jnp.ndarray:
+    if x.shape[axis] == out_size:  # src = i, frac = 0: the identity
+        return x
+    lo, hi, frac = _tf1_taps(x.shape[axis], out_size)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    low = jnp.take(x, lo, axis=axis)
+    # TF's form, a + (b - a) * t, rather than a (1 - t) + b t: they round differently
+    return low + (jnp.take(x, hi, axis=axis) - low) * jnp.asarray(frac, x.dtype).reshape(shape)
+
+
+def resize_bilinear_tf1(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
+    """(N, H, W, C) -> (N, size[0], size[1], C) as TF1's ``tf.image.resize_bilinear`` with its
+    defaults, the resize inside the Inception graph that the ADM evaluator runs: columns
+    first within each row, then rows, as TF's kernel interpolates (equal to TensorFlow's to
+    float32 rounding, see tests). Sample grid without half-pixel centres, so unlike
+    `resize_bilinear` it shifts the image by up to half a source pixel."""
+    return _resize_axis_tf1(_resize_axis_tf1(x, 2, size[1]), 1, size[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +332,7 @@ class InceptionE(_Block):
 
 
 class InceptionV3(nn.Module):
-    """pytorch-fid's FID Inception-v3 with its ``InceptionV3`` preprocessing.
+    """pytorch-fid's FID Inception-v3, with its preprocessing or the ADM evaluator's graph's.
 
     Call: ``InceptionV3().apply({'params': p, 'batch_stats': s}, images)``.
 
@@ -308,8 +348,11 @@ class InceptionV3(nn.Module):
     Attributes:
       num_classes: width of the classifier ``fc``; 1008 for the released weights, 0 for none
         (pytorch-fid's ``InceptionV3`` module keeps no ``fc``: then no logits are returned).
-      resize_input: resize to 299x299 as pytorch-fid does (its default). With False the input
-        must already be the network's size for the outputs to mean anything.
+      resize_input: resize to 299x299 (`preprocess` says how). With False the input must
+        already be the network's size for the outputs to mean anything.
+      preprocess: 'pytorch_fid' (the default): [0, 1], PyTorch's bilinear resize, 2x - 1, as
+        pytorch-fid; 'adm': as the TF graph the ADM evaluator feeds [0, 255] images to, TF1's
+        bilinear resize (`resize_bilinear_tf1`) then (x - 128) / 128.
       dtype: compute dtype of the convolutions and batch norms (float32 by default; bfloat16
         changes the features by far more than the 1e-4 parity of float32).
       precision: `jax.lax.Precision` of the convolutions and the classifier. HIGHEST by
@@ -318,17 +361,32 @@ class InceptionV3(nn.Module):
 
     num_classes: int = NUM_CLASSES
     resize_input: bool = True
+    preprocess: str = "pytorch_fid"
     dtype: Any = jnp.float32
     precision: Any = HIGHEST
 
-    @nn.compact
-    def __call__(self, images: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    def network_input(self, images: jnp.ndarray) -> jnp.ndarray:
+        """[0, 255] images (N, H, W, 3) -> the first convolution's input (N, 299, 299, 3) in
+        `dtype`, as `preprocess` says."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected (N, H, W, 3) RGB images, got shape {images.shape}")
-        x = images.astype(jnp.float32) / 255.0  # pytorch-fid's input range, [0, 1]
-        if self.resize_input:
-            x = resize_bilinear(x, (RESOLUTION, RESOLUTION))
-        x = (2.0 * x - 1.0).astype(self.dtype)
+        if self.preprocess == "adm":
+            x = images.astype(jnp.float32)  # the graph's ExpandDims:0 input, [0, 255]
+            if self.resize_input:
+                x = resize_bilinear_tf1(x, (RESOLUTION, RESOLUTION))
+            x = ((x - 128.0) * (1.0 / 128.0)).astype(self.dtype)  # its Sub and Mul nodes
+        elif self.preprocess == "pytorch_fid":
+            x = images.astype(jnp.float32) / 255.0  # pytorch-fid's input range, [0, 1]
+            if self.resize_input:
+                x = resize_bilinear(x, (RESOLUTION, RESOLUTION))
+            x = (2.0 * x - 1.0).astype(self.dtype)
+        else:
+            raise ValueError(f"preprocess={self.preprocess!r}: expected one of {PREPROCESS}")
+        return x
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray) -> dict[str, jnp.ndarray]:
+        x = self.network_input(images)
 
         kw = dict(dtype=self.dtype, precision=self.precision)
         conv = functools.partial(BasicConv2d, **kw)

@@ -12,8 +12,9 @@ float16 distances (`--pr_distances float32` for float32 ones). `--save_stats PAT
 samples' statistics (a reference batch for later runs).
 
 The features come from pytorch-fid's FID Inception ported to Flax (`eval_jax.inception`), the
-TF 2015 graph the ADM evaluator uses, resized to 299 as pytorch-fid does; batches are sharded
-over every local device.
+TF 2015 graph the ADM evaluator uses, with that graph's own preprocessing (TF1's bilinear resize
+to 299, then (x - 128) / 128; `--inception_preprocess pytorch_fid` for pytorch-fid's); batches
+are sharded over every local device.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ _SAVE_STATS = flags.DEFINE_string("save_stats", None,
                                   "Write the samples' feature statistics to this .npz.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 200, "Images per Inception batch (global).",
                                    lower_bound=1)
+_PREPROCESS = flags.DEFINE_enum(
+    "inception_preprocess", "adm", ["adm", "pytorch_fid"],
+    "How images reach the Inception network: 'adm' as the ADM evaluator's TF graph (TF1 bilinear "
+    "resize to 299, then (x - 128) / 128), matching its reference batches' statistics; "
+    "'pytorch_fid' as pytorch-fid (upstream's quick FID and rFID tools).")
 _PR_DISTANCES = flags.DEFINE_enum(
     "pr_distances", "float16", ["float16", "float32"],
     "Squared distances for precision / recall: rounded to float16 as in the ADM evaluator "
@@ -59,7 +65,8 @@ def main(argv):
         if not _INCEPTION.value:
             raise cli.UserError("a batch holds images (arr_0): --inception=PATH to pytorch-fid's "
                                 "pt_inception-2015-12-05-6726825d.pth is needed")
-        extract = evaluation.inception_extractor(_INCEPTION.value, batch_size=_BATCH_SIZE.value)
+        extract = evaluation.inception_extractor(_INCEPTION.value, batch_size=_BATCH_SIZE.value,
+                                                 preprocess=_PREPROCESS.value)
         extract = _logged(extract)
     if _SAVE_STATS.value:
         if samples.images is None:

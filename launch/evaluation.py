@@ -110,10 +110,12 @@ def sharded_extractor(apply_fn: Callable, variables, *, batch_size: int,
 
 
 def inception_extractor(path: str | os.PathLike, *, batch_size: int = 200,
-                        mesh: jax.sharding.Mesh | None = None) -> FeatureExtractor:
+                        mesh: jax.sharding.Mesh | None = None,
+                        preprocess: str = "pytorch_fid") -> FeatureExtractor:
     """pytorch-fid's FID Inception (`pt_inception-2015-12-05-6726825d.pth`) as a sharded
     extractor: pool3 (2048) for FID and precision / recall, the ADM evaluator's softmax logits
-    for IS, mixed_6 spatial features (2023) for sFID."""
+    for IS, mixed_6 spatial features (2023) for sFID. `preprocess`: 'pytorch_fid' (its resize
+    and scaling) or 'adm' (the ADM evaluator's TF graph's; `eval_jax.inception`)."""
     from eval_jax.inception import InceptionV3
     from eval_jax.inception_convert import params_from_torch
 
@@ -123,7 +125,7 @@ def inception_extractor(path: str | os.PathLike, *, batch_size: int = 200,
             f"--inception {path} does not exist; download pytorch-fid's weights: "
             "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
             "pt_inception-2015-12-05-6726825d.pth")
-    model = InceptionV3()
+    model = InceptionV3(preprocess=preprocess)
     variables = params_from_torch(path, model)
 
     def apply(v, images):

@@ -25,7 +25,14 @@ import pytest
 from flax import traverse_util
 
 from eval_jax import inception_convert
-from eval_jax.inception import NUM_CLASSES, POOL_DIM, SPATIAL_DIM, InceptionV3, resize_bilinear
+from eval_jax.inception import (
+    NUM_CLASSES,
+    POOL_DIM,
+    SPATIAL_DIM,
+    InceptionV3,
+    resize_bilinear,
+    resize_bilinear_tf1,
+)
 from eval_jax.metrics import feature_statistics, frechet_distance
 from torchport import ConversionError, expected_torch_shapes, save_state_dict
 
@@ -233,6 +240,68 @@ def test_resize_matches_torch_interpolate():
             align_corners=False,
         ).permute(0, 2, 3, 1).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _tf1_resize_reference(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """TF1's ResizeBilinear kernel (align_corners=False, half_pixel_centers=False), pixel by
+    pixel in float32: src = i * (in / out), taps floor / ceil, top = tl + (tr - tl) * dx, ...,
+    out = top + (bottom - top) * dy."""
+    n, in_h, in_w, c = x.shape
+    f32 = np.float32
+    out = np.zeros((n, out_h, out_w, c), f32)
+    for i in range(out_h):
+        sy = f32(i) * (f32(in_h) / f32(out_h))
+        y0, y1, dy = int(np.floor(sy)), min(int(np.ceil(sy)), in_h - 1), f32(sy - np.floor(sy))
+        for j in range(out_w):
+            sx = f32(j) * (f32(in_w) / f32(out_w))
+            x0, x1 = int(np.floor(sx)), min(int(np.ceil(sx)), in_w - 1)
+            dx = f32(sx - np.floor(sx))
+            top = x[:, y0, x0] + (x[:, y0, x1] - x[:, y0, x0]) * dx
+            bottom = x[:, y1, x0] + (x[:, y1, x1] - x[:, y1, x0]) * dx
+            out[:, i, j] = top + (bottom - top) * dy
+    return out
+
+
+def test_tf1_resize_matches_the_kernel_and_tensorflow():
+    """The ADM graph's resize: hand values, a pixel-by-pixel model of TF's kernel (exactly),
+    TensorFlow itself where it is installed (it is not a dependency; with TF 2.21 on the Zen 5
+    host the outputs were equal bit for bit, 256 -> 299 included), and not PyTorch's grid."""
+    line = np.float32([0, 3, 6, 9]).reshape(1, 1, 4, 1)
+    np.testing.assert_allclose(np.asarray(resize_bilinear_tf1(line, (1, 3)))[0, 0, :, 0],
+                               [0, 4, 8], rtol=1e-6)  # samples 0, 4/3, 8/3
+    rng = np.random.default_rng(3)
+    cases = [((7, 5), (11, 13)), ((40, 36), (17, 23)), ((9, 9), (9, 4))]
+    for size_in, size_out in cases:
+        x = rng.uniform(0, 255, (2, *size_in, 3)).astype(np.float32)
+        got = np.asarray(resize_bilinear_tf1(x, size_out))
+        np.testing.assert_array_equal(got, _tf1_resize_reference(x, *size_out))
+        assert np.abs(got - np.asarray(resize_bilinear(x, size_out))).max() > 1.0
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return
+    x = rng.integers(0, 256, (1, 256, 256, 3)).astype(np.float32)
+    want = tf.compat.v1.image.resize_bilinear(x, [299, 299], align_corners=False).numpy()
+    np.testing.assert_allclose(np.asarray(resize_bilinear_tf1(x, (299, 299))), want, atol=1e-4)
+
+
+def test_preprocess_reaches_the_network_input():
+    images = np.random.default_rng(4).integers(0, 256, (2, 20, 24, 3)).astype(np.uint8)
+    x = images.astype(np.float32)
+
+    def network_input(**kw):
+        return np.asarray(InceptionV3(**kw).apply({}, images, method="network_input"))
+
+    np.testing.assert_allclose(network_input(preprocess="adm"),
+                               (np.asarray(resize_bilinear_tf1(x, (299, 299))) - 128) / 128,
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(network_input(),
+                               2 * np.asarray(resize_bilinear(x / 255, (299, 299))) - 1,
+                               rtol=1e-6, atol=1e-6)
+    same = network_input(preprocess="adm", resize_input=False)
+    np.testing.assert_array_equal(same, (x - 128) / 128)
+    with pytest.raises(ValueError, match="preprocess='tf2': expected one of"):
+        network_input(preprocess="tf2")
 
 
 def test_state_dict_order_matches_pytorch(torch_model, state_dict):
