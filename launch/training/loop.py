@@ -255,8 +255,7 @@ def train(config, workdir: str) -> dict:
         guard.close()
         stop.restore()
         checkpointer.close()  # waits for the last asynchronous save
-        if data is not None:
-            data.close()
+        data.close()
         logger.close()
     if step_fn is not None:
         last["compilations"] = step_fn._cache_size()  # noqa: SLF001 (recompilation check)
