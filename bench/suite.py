@@ -22,6 +22,8 @@ batch that runs out of memory ends only its own run, and each run's peak memory 
              dependencies in that interpreter).
   vae        f16d32 encode + decode at 256x256, float32 batch 1 and bfloat16 batch 8.
   vavae      the VA-VAE f16d32 training step (DINOv2-L and LPIPS in the loop), bf16, batch 8.
+  metrics    precision / recall at the ADM evaluation's size (10,000 reference against 50,000
+             sample features, 2048-d, float16 distances), by `bench.precision_recall`.
 
 JAX may take 95% of a GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set). Writes
 OUT/results.jsonl (one line per run: part, its arguments, return code, seconds, and the
@@ -44,7 +46,7 @@ import time
 
 from bench.argtypes import nonnegative_int, positive_int
 
-PARTS = ("train", "attention", "sample", "upstream", "vae", "vavae")
+PARTS = ("train", "attention", "sample", "upstream", "vae", "vavae", "metrics")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -267,6 +269,16 @@ def run_parts(args) -> dict:
         if r is not None:
             summary["vavae"] = _train_summary(batch, r)
 
+    # -- evaluation -----------------------------------------------------------------------------
+    if "metrics" in parts:
+        sizes = (200, 300, 64) if tiny else (10000, 50000, 2048)
+        r = suite.run("metrics", python_m("bench.precision_recall", "--num_real", sizes[0],
+                                          "--num_fake", sizes[1], "--dim", sizes[2],
+                                          "--steps", 1, "--warmup", 1),
+                      f"precision / recall {sizes[0]} x {sizes[1]}, {sizes[2]}-d, float16")
+        if r is not None:
+            summary["metrics"] = {k: r.get(k) for k in ("seconds", "tflops_per_s", "distances")}
+
     summary["runs"] = {s: sum(r["status"] == s for r in suite.records)
                        for s in ("ok", "failed", "timeout", "skipped")}
     (out / "summary.md").write_text(markdown(suite.records))
@@ -296,6 +308,8 @@ def markdown(records: list[dict]) -> str:
             figures = f"call {r['call_s'] * 1e3:.1f} ms"
             if "sample_s" in r:
                 figures += f", {r['num_steps']}-point sample {r['sample_s']:.2f} s"
+        elif "distance_flops" in r:
+            figures = f"{r['seconds']:.3g} s ({r['tflops_per_s']:.3g} TFLOP/s in the distances)"
         elif "encode_s" in r:
             figures = f"encode {r['encode_s'] * 1e3:.1f} ms, decode {r['decode_s'] * 1e3:.1f} ms"
         elif "median_s" in r:

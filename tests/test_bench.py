@@ -394,15 +394,16 @@ def test_attention_option_reaches_the_model_and_keeps_values():
 def test_suite_runs_each_part_as_a_process(capsys, tmp_path):
     from bench import suite
 
-    suite.main(["--tiny", "--out", str(tmp_path), "--only", "train,sample", "--batches", "2",
-                "--steps", "1", "--warmup", "0"])
+    suite.main(["--tiny", "--out", str(tmp_path), "--only", "train,sample,metrics", "--batches",
+                "2", "--steps", "1", "--warmup", "0"])
     r = last_json(capsys)
-    assert r["runs"] == {"ok": 2, "failed": 0, "timeout": 0, "skipped": 0}
+    assert r["runs"] == {"ok": 3, "failed": 0, "timeout": 0, "skipped": 0}
     assert r["train"]["batch"] == 2 and r["train"]["images_per_s"] > 0
     assert r["train"]["memory_gb_per_image"] == pytest.approx(r["train"]["peak_memory_gb"] / 2)
     assert r["sample"]["num_steps"] == 5 and r["sample"]["call_s"] > 0
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [rec["part"] for rec in records] == ["train", "sample"]
+    assert [rec["part"] for rec in records] == ["train", "sample", "metrics"]
+    assert r["metrics"]["distances"] == "float16" and r["metrics"]["seconds"] > 0
     assert records[0]["result"]["variant"] == "tiny"
     table = (tmp_path / "summary.md").read_text()
     assert "| train | tiny bfloat16 batch 2 | ok |" in table and "img/s" in table
@@ -452,6 +453,8 @@ def test_suite_ladder_remat_upstream_and_budget(tmp_path, monkeypatch):
     assert len(upstream) == 4 and all("--device" in a and "cuda" in a for a in upstream)
     assert upstream[0][upstream[0].index("--batch") + 1] == "32"
     assert sum("--compile" in a for a in upstream) == 2
+    (metrics,) = [argv for part, argv in calls if part == "metrics"]
+    assert metrics[metrics.index("--num_fake") + 1] == "50000"
     assert summary["runs"]["skipped"] == 2 and summary["runs"]["failed"] == 1
     assert "RESOURCE_EXHAUSTED" in (tmp_path / "summary.md").read_text()
 
