@@ -69,6 +69,26 @@ def test_precision_recall_distances_and_too_few_images(tmp_path):
                             evaluation.Batch("r", images=reference), _extract)
 
 
+def test_images_are_memory_mapped_where_the_file_allows(tmp_path):
+    images = _images(5, n=6)
+    np.savez(tmp_path / "stored.npz", arr_0=images)
+    # other members first, so that arr_0 starts deeper in the file
+    np.savez(tmp_path / "later.npz", mu=np.zeros(3), sigma=np.eye(3), arr_0=images)
+    for name in ("stored.npz", "later.npz"):
+        batch = evaluation.load_batch(tmp_path / name)
+        assert isinstance(batch.images, np.memmap), name
+        np.testing.assert_array_equal(batch.images, images)
+    assert evaluation.load_batch(tmp_path / "later.npz").stats[0].shape == (3,)
+    # a compressed member or a Fortran-order array is read into memory instead
+    np.savez_compressed(tmp_path / "deflated.npz", arr_0=images)
+    np.savez(tmp_path / "fortran.npz", arr_0=np.asfortranarray(images))
+    for name in ("deflated.npz", "fortran.npz"):
+        assert evaluation.memory_mapped(str(tmp_path / name), "arr_0") is None
+        batch = evaluation.load_batch(tmp_path / name)
+        assert not isinstance(batch.images, np.memmap)
+        np.testing.assert_array_equal(batch.images, images)
+
+
 @pytest.mark.parametrize("arrays, message", [
     ({"arr_0": np.zeros((2, 8, 8), np.uint8)}, "uint8 images"),
     ({"arr_0": np.zeros((2, 8, 8, 3), np.float32)}, "uint8 images"),
