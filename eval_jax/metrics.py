@@ -158,26 +158,34 @@ def _check_distances(distances: str) -> bool:
     return distances == "float16"
 
 
+def _feature_rows(features: np.ndarray, k: int) -> _Rows:
+    shape = np.shape(features)
+    if len(shape) != 2 or shape[0] <= k:
+        raise ValueError(f"k = {k} nearest neighbours need features (N > {k}, D), got "
+                         f"shape {shape}")
+    return _rows(features)
+
+
+def _radii(x: _Rows, k: int, float16: bool, block: int) -> jax.Array:
+    n = len(x.x)
+    radii = []
+    for lo, hi in _blocks(n, block):
+        # The k + 1 smallest of a row are among the k + 1 smallest of each column block.
+        nearest = jnp.concatenate([
+            _smallest_distances(_slice(x, lo, hi), _slice(x, c_lo, c_hi), count=k + 1,
+                                float16=float16)
+            for c_lo, c_hi in _blocks(n, block)], axis=1)
+        radii.append(jnp.sort(nearest, axis=1)[:, k])
+    return jnp.concatenate(radii)
+
+
 def knn_radii(features: np.ndarray, k: int = 3, *, distances: str = "float16",
               block: int = ADM_BLOCK) -> np.ndarray:
     """Squared distance from each feature (N, D) to its k-th nearest other feature (N,): the
     (k + 1)-th smallest in its row of distances, which holds its own (about 0), as ADM's
     `manifold_radii` (row and column blocks of `block`)."""
     float16 = _check_distances(distances)
-    shape = np.shape(features)
-    if len(shape) != 2 or shape[0] <= k:
-        raise ValueError(f"k = {k} nearest neighbours need features (N > {k}, D), got "
-                         f"shape {shape}")
-    x = _rows(features)
-    radii = []
-    for lo, hi in _blocks(shape[0], block):
-        # The k + 1 smallest of a row are among the k + 1 smallest of each column block.
-        nearest = jnp.concatenate([
-            _smallest_distances(_slice(x, lo, hi), _slice(x, c_lo, c_hi), count=k + 1,
-                                float16=float16)
-            for c_lo, c_hi in _blocks(shape[0], block)], axis=1)
-        radii.append(np.asarray(jnp.sort(nearest, axis=1)[:, k]))
-    return np.concatenate(radii)
+    return np.asarray(_radii(_feature_rows(features, k), k, float16, block))
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, *,
@@ -189,9 +197,9 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, *,
     docstring), in ADM's `block` x `block` blocks, each falling back to float32 where float16
     overflows; 'float32' computes them all in float32."""
     float16 = _check_distances(distances)
-    real_radii = jnp.asarray(knn_radii(real, k, distances=distances, block=block))
-    fake_radii = jnp.asarray(knn_radii(fake, k, distances=distances, block=block))
-    r, f = _rows(real), _rows(fake)
+    # each side on the device once, with its norms, for its radii and the memberships
+    r, f = _feature_rows(real, k), _feature_rows(fake, k)
+    real_radii, fake_radii = _radii(r, k, float16, block), _radii(f, k, float16, block)
     real_inside = np.zeros(len(r.x), bool)
     fake_inside = np.zeros(len(f.x), bool)
     for lo, hi in _blocks(len(r.x), block):
