@@ -13,8 +13,8 @@ between pairs so that neither version always runs first. The benchmark's last-li
 faster).
 
 Why processes: compiling both programs in one process and alternating calls measured 0.93x
-for a change that ran at the same speed in separate processes (README "Benchmarks": the two
-programs' temporaries differed in size). Prints the runs as they end and, as its last line,
+for a change that ran at the same speed in separate processes (docs/performance.md: the
+two programs' temporaries differed in size). Prints the runs as they end and, as its last line,
 one JSON object.
 """
 

@@ -25,7 +25,8 @@ Extract latents for LightningDiT:
 `disc_start` counts PyTorch Lightning global steps (two per iteration) as upstream does.
 Weights the frozen parts need (not downloaded at run time): DINOv2 ViT-L/14 (timm
 `vit_large_patch14_dinov2.lvd142m` or the official `dinov2_vitl14_pretrain.pth`), torchvision
-`vgg16-397923af.pth` and the LPIPS heads `vgg.pth`; see README "VA-VAE weights".
+`vgg16-397923af.pth` and the LPIPS heads `vgg.pth`; see README "Using released PyTorch
+weights" (VA-VAE).
 """
 
 import ml_collections

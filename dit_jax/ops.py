@@ -5,7 +5,7 @@ gradient matmuls in the compute dtype, as torch autocast); `dot_product_attentio
 explicit `chunked_attention` on CPU and ``jax.nn.dot_product_attention`` on GPU / TPU (its
 default, XLA's path in jax 0.10-0.11; 'cudnn' asks for cuDNN flash attention). Both equal the
 plain JAX ops within float32 rounding (tests/test_dit_fast_paths.py); what each buys on CPU is
-measured in README "Benchmarks".
+measured in docs/performance.md.
 """
 
 from __future__ import annotations
