@@ -429,16 +429,21 @@ def test_train_cli_user_mistake_is_one_line(tmp_path):
 
 
 def test_checkpoints_of_another_config_are_an_error_not_a_fresh_start(latents, uninterrupted,
-                                                                     tmp_path):
+                                                                     tmp_path, monkeypatch):
     from launch.cli import UserError
 
     straight, _ = uninterrupted
     shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
     written = (tmp_path / "config.json").read_text()  # train() wrote it after its restore
     assert json.loads(written)["model"]["hidden_size"] != 32
+    closed = []
+    original_close = GlobalBatchIterator.close
+    monkeypatch.setattr(GlobalBatchIterator, "close",
+                        lambda self: (closed.append(self), original_close(self))[1])
     with pytest.raises(UserError, match=r"none of the checkpoints \[6, 3\]"):
         train(config(latents, **{"model.hidden_size": 32}), str(tmp_path))
     assert (tmp_path / "config.json").read_text() == written  # the run keeps its own config
+    assert len(closed) == 1  # the input pipeline (and its workers) stopped with the error
 
 
 def test_sample_and_convert_read_a_training_run(uninterrupted, tmp_path):

@@ -142,27 +142,33 @@ def train(config, workdir: str) -> dict:
         raise
 
     # -- state: restored, or born sharded ------------------------------------------------------
-    abstract_boxed = jax.eval_shape(adapter.init_state, init_rng)
-    state_shardings = sharding.logical_shardings(abstract_boxed, mesh)
-    checkpointer = Checkpointer(workdir, max_to_keep=config.max_to_keep,
-                                keep_period=config.get("keep_period") or None)
-    restored = checkpointer.restore_latest(
-        abstract_with_shardings(nn.meta.unbox(abstract_boxed), state_shardings))
-    if restored is not None:
-        start_step, state, data_state = restored
-        logging.info("resumed from %s at step %d", checkpointer.directory, start_step)
-    else:
-        start_step, data_state = 0, None
-        state, _ = sharding.sharded_init(adapter.init_state, init_rng, mesh=mesh)
-        if config.get("init_from"):
-            state = adapter.init_from(config.init_from, state, state_shardings)
-            start_step = int(state.step)  # > 0 when continuing an upstream PyTorch run
-    write_config(workdir, config)
-    frozen = adapter.frozen(mesh)
-    if data_state is not None:
-        data.set_state(data_state)  # the saved position (and its counters)
-    else:
-        data.seek(start_step)
+    try:
+        abstract_boxed = jax.eval_shape(adapter.init_state, init_rng)
+        state_shardings = sharding.logical_shardings(abstract_boxed, mesh)
+        checkpointer = Checkpointer(workdir, max_to_keep=config.max_to_keep,
+                                    keep_period=config.get("keep_period") or None)
+        restored = checkpointer.restore_latest(
+            abstract_with_shardings(nn.meta.unbox(abstract_boxed), state_shardings))
+        if restored is not None:
+            start_step, state, data_state = restored
+            logging.info("resumed from %s at step %d", checkpointer.directory, start_step)
+        else:
+            start_step, data_state = 0, None
+            state, _ = sharding.sharded_init(adapter.init_state, init_rng, mesh=mesh)
+            if config.get("init_from"):
+                state = adapter.init_from(config.init_from, state, state_shardings)
+                start_step = int(state.step)  # > 0 when continuing an upstream PyTorch run
+        write_config(workdir, config)
+        frozen = adapter.frozen(mesh)
+        if data_state is not None:
+            data.set_state(data_state)  # the saved position (and its counters)
+        else:
+            data.seek(start_step)
+    except BaseException:
+        # a checkpoint of another config, a missing weight file, ...: stop the input workers
+        # before the error leaves (orbax's manager, left mid-restore, is left to exit)
+        data.close()
+        raise
 
     # -- the step: compiled once, state donated ------------------------------------------------
     replicated = sharding.replicated(mesh)
