@@ -164,6 +164,39 @@ def test_user_mistakes_are_one_line_errors(extracted, tmp_path):
     assert "6 of 6 images could not be decoded" in line and "n01/0.JPEG" in line
 
 
+def test_a_shard_whose_input_fails_stops_its_decoding_workers(extracted, tmp_path,
+                                                               monkeypatch):
+    """One process: the input's DataError leaves extract_latents, after the shard's grain
+    iterator (and its workers) was closed, and without writing the shard."""
+    from launch.data import extraction
+    from launch.data.sources import DataError
+
+    _, tree, _, _ = extracted
+    opened = []
+
+    class FailingBatches:
+        closed = False
+
+        def __next__(self):
+            raise DataError("shard file unreadable")
+
+        def close(self):
+            self.closed = True
+
+    def shard_batches(*args):
+        opened.append(FailingBatches())
+        return opened[-1]
+
+    monkeypatch.setattr(extraction, "shard_batches", shard_batches)
+    config = get_config("tiny")
+    config.data.path, config.data.procedural_images_per_class = str(tree), 0
+    config.extract.batch_size, config.extract.shard_size = 8, 16
+    with pytest.raises(DataError, match="shard file unreadable"):
+        extraction.extract_latents(config, str(tmp_path / "out"))
+    assert len(opened) == 1 and opened[0].closed
+    assert not any(name.endswith(".safetensors") for name in os.listdir(tmp_path / "out"))
+
+
 def test_an_extraction_killed_before_its_summary_is_redone_by_prepare(extracted, tmp_path,
                                                                      monkeypatch):
     """The tiny LightningDiT's own latent preparation counts an extraction as finished by its

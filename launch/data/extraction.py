@@ -243,9 +243,11 @@ def extract_latents(config, workdir: str, checkpoint: str | None = None) -> None
                 continue
             batches = shard_batches(source, mine[lo:hi], data, local_batch)
             num_batches = math.ceil(max(len(items[r][lo:hi]) for r in owners) / local_batch)
-            outputs, skipped, failure = encode_shard(batches, num_batches, progress)
-            if hasattr(batches, "close"):
-                batches.close()
+            try:
+                outputs, skipped, failure = encode_shard(batches, num_batches, progress)
+            finally:  # the shard's decoding workers stop, also when its input fails
+                if hasattr(batches, "close"):
+                    batches.close()
             names = [source.describe(int(i)) for i in skipped]
             for name in names[:10]:
                 logging.warning("skipped undecodable image %s", name)
