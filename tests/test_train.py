@@ -436,10 +436,13 @@ def test_checkpoints_of_another_config_are_an_error_not_a_fresh_start(latents, u
     shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
     written = (tmp_path / "config.json").read_text()  # train() wrote it after its restore
     assert json.loads(written)["model"]["hidden_size"] != 32
-    closed = []
-    original_close = GlobalBatchIterator.close
-    monkeypatch.setattr(GlobalBatchIterator, "close",
-                        lambda self: (closed.append(self), original_close(self))[1])
+    closed, original_close = [], GlobalBatchIterator.close
+
+    def close(self):
+        closed.append(self)
+        original_close(self)
+
+    monkeypatch.setattr(GlobalBatchIterator, "close", close)
     with pytest.raises(UserError, match=r"none of the checkpoints \[6, 3\]"):
         train(config(latents, **{"model.hidden_size": 32}), str(tmp_path))
     assert (tmp_path / "config.json").read_text() == written  # the run keeps its own config
