@@ -108,6 +108,7 @@ def get_config(arg: str = "xl1_64ep") -> ml_collections.ConfigDict:
         "max_attempts": 4,
         "prepare": "",  # a configs/vavae.py variant: extract latents when path is absent
         "prepare_checkpoint": "",  # ... with these VA-VAE weights
+        "prepare_images": "",  # ... from these images ('': that variant's data.path)
     })
 
     if arg in ("tiny", "demo"):

@@ -168,11 +168,15 @@ def test_train_cli_vavae_tiny(tmp_path):
 def test_train_cli_lightningdit_tiny_prepares_its_latents(tmp_path):
     out = run_module("launch.train", "--config", "configs/lightningdit.py:tiny", "--workdir",
                      str(tmp_path / "run"), f"--config.data.path={tmp_path / 'latents'}",
+                     f"--config.data.prepare_images={tmp_path / 'shapes'}",
                      "--config.total_steps=2", "--config.log_every=1",
                      "--config.ckpt_every=2", "--config.sample_every=2")
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["final_step"] == 2 and np.isfinite(summary["loss"])
     assert (tmp_path / "latents" / "latents_stats.pt").exists()  # extracted on first use
+    assert (tmp_path / "shapes" / ".complete").exists()  # from shapes written there
+    extraction = json.loads((tmp_path / "latents" / "extraction.json").read_text())
+    assert extraction["num_images"] == 3000  # configs/vavae.py:tiny's 10 x 300 shapes
     assert (tmp_path / "run" / "images" / "samples_00000002.png").exists()
 
 

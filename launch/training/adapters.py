@@ -73,7 +73,8 @@ class LightningDiTAdapter:
     def prepare_latents(self) -> None:
         """Latents absent and `config.data.prepare` names a VA-VAE config variant: encode its
         images into `config.data.path` first (the tiny config: procedural shapes through the
-        tiny VA-VAE, or a trained one given by `config.data.prepare_checkpoint`)."""
+        tiny VA-VAE, or a trained one given by `config.data.prepare_checkpoint`; the images at
+        `config.data.prepare_images`, else at that VA-VAE config's data.path)."""
         import os
 
         data = self.config.data
@@ -91,7 +92,10 @@ class LightningDiTAdapter:
 
         logging.info("no finished latents at %s: extracting them with configs/vavae.py:%s",
                      data.path, data.prepare)
-        extraction.extract_latents(vavae_config(data.prepare), data.path,
+        tokenizer_config = vavae_config(data.prepare)
+        if data.get("prepare_images"):
+            tokenizer_config.data.path = data.prepare_images
+        extraction.extract_latents(tokenizer_config, data.path,
                                    data.get("prepare_checkpoint") or None)
 
     def make_iterator(self, *, global_batch_size: int, mesh):
