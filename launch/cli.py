@@ -6,21 +6,47 @@
 `UserError`s (and the data pipeline's `DataError`s, missing files) print ``error: <message>``
 without a traceback; anything else is a bug and keeps its traceback. Before `main` starts JAX,
 a command that will run on the CPU restarts itself once with glibc's huge-page tunable
-(`launch.host_memory`) and adds its XLA:CPU flags (`launch.xla_cpu`).
+(`launch.host_memory`) and adds its XLA:CPU flags (`launch.xla_cpu`). The INFO lines of
+orbax, grain and JAX are left out of the log unless ``--library_logs`` (`LibraryInfoFilter`).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import re
 import sys
 import traceback
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections.config_flags.config_flags import is_config_flag
 
 from launch import host_memory, xla_cpu
 from launch.data.sources import DataError, is_url
+
+QUIET_LIBRARIES = ("orbax", "grain", "jax")
+
+flags.DEFINE_bool("library_logs", False, "also log the INFO lines of orbax, grain and JAX (every "
+                  "step of each checkpoint save and restore, ...); their warnings show either way")
+
+
+class LibraryInfoFilter(logging.Filter):
+    """Drops records at INFO and below logged from the source files of `packages` (orbax writes
+    about 40 INFO lines per checkpoint save or restore: 650 of the demo's 740 log lines).
+    Their warnings and errors, and every line of this project, pass. The packages' folders
+    are looked up, not imported, and matched as path prefixes (a checkout under a folder
+    named like a package is not matched)."""
+
+    def __init__(self, packages: tuple[str, ...] = QUIET_LIBRARIES):
+        super().__init__()
+        self.folders = tuple(os.path.join(folder, "") for package in packages
+                             if (spec := importlib.util.find_spec(package)) is not None
+                             for folder in spec.submodule_search_locations or ())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not record.pathname.startswith(self.folders)
 
 
 class UserError(ValueError):
@@ -54,6 +80,8 @@ def path_flag(name: str) -> None:
 
 def run(main) -> None:
     def guarded(argv):
+        if not flags.FLAGS.library_logs:
+            absl_logging.get_absl_handler().addFilter(LibraryInfoFilter())
         try:
             return main(argv)
         except Exception as e:

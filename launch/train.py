@@ -34,19 +34,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.", 
 cli.path_flag("workdir")
 
 
-class _QuietLibraries:
-    """Drop the INFO chatter of orbax and grain (one line per file written) from the log."""
-
-    def filter(self, record) -> bool:
-        noisy = ("/orbax/", "/grain/")
-        return record.levelno > 20 or not any(p in record.pathname for p in noisy)
-
-
 def main(argv):
     del argv
-    from absl import logging
-
-    logging.get_absl_handler().addFilter(_QuietLibraries())
     if _COORDINATOR.value:
         os.environ.update(JAX_COORDINATOR_ADDRESS=_COORDINATOR.value,
                           JAX_NUM_PROCESSES=str(_NUM_PROCESSES.value),

@@ -76,13 +76,14 @@ def assert_close(got, want, *, atol: float = 1e-4, rtol: float = 1e-4, name: str
     return err
 
 
-def run_module(*args: str, timeout: int = 300) -> str:
-    """Run ``python -m <args>`` from the repository root (2 simulated devices); return stdout."""
+def run_module(*args: str, timeout: int = 300, with_stderr: bool = False):
+    """Run ``python -m <args>`` from the repository root (2 simulated devices); return stdout,
+    or (stdout, stderr) `with_stderr`."""
     env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return (proc.stdout, proc.stderr) if with_stderr else proc.stdout
 
 
 def run_processes(argv: list[str], num_processes: int = 2, devices_per_process: int = 2,
