@@ -34,7 +34,7 @@ flags.DEFINE_bool("library_logs", False, "also log the INFO lines of orbax, grai
 
 class LibraryInfoFilter(logging.Filter):
     """Drops records at INFO and below logged from the source files of `packages` (orbax writes
-    about 40 INFO lines per checkpoint save or restore: 650 of the demo's 740 log lines).
+    about 40 INFO lines per checkpoint save or restore: about 660 of the demo's 738 log lines).
     Their warnings and errors, and every line of this project, pass. The packages' folders
     are looked up, not imported, and matched as path prefixes (a checkout under a folder
     named like a package is not matched)."""
