@@ -7,12 +7,36 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+
+METADATA_FILE = "_CHECKPOINT_METADATA"
+
+
+class ItemMetadataNotice(logging.Filter):
+    """Drops orbax's warning that a training run's params item (RUN/checkpoints/<step>/params)
+    has no metadata file of its own: its CheckpointManager writes one per step, beside the
+    items, and the restore goes on. The warning is kept for a directory that is no item of a
+    step holding that file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        prefix = "Metadata file does not exist: "
+        if record.levelno != logging.WARNING or not message.startswith(prefix):
+            return True
+        missing = message[len(prefix):]
+        step = os.path.dirname(os.path.dirname(missing))
+        return not (os.path.basename(missing) == METADATA_FILE
+                    and os.path.exists(os.path.join(step, METADATA_FILE)))
+
+
+absl_logging.get_absl_logger().addFilter(ItemMetadataNotice())
 
 
 def save_params(path: str | os.PathLike, params) -> None:

@@ -26,3 +26,19 @@ def test_library_info_lines_are_left_out_and_everything_else_kept():
     # a checkout inside a folder named like one of the packages is not one of them
     assert keep(record("/home/me/jax/lightningdit/launch/train.py", logging.INFO))
     assert keep(record("/home/me/orbax_runs/launch/train.py", logging.INFO))
+
+
+def test_orbax_item_metadata_warning_is_dropped_only_beside_a_step_metadata_file(tmp_path):
+    from launch.params_io import METADATA_FILE, ItemMetadataNotice
+
+    def warning(path):
+        return logging.LogRecord("absl", logging.WARNING, "checkpoint.py", 1,
+                                 "Metadata file does not exist: %s", (str(path),), None)
+
+    keep = ItemMetadataNotice().filter
+    step = tmp_path / "checkpoints" / "6"
+    (step / "params").mkdir(parents=True)
+    assert keep(warning(step / "params" / METADATA_FILE))  # not a manager's step: kept
+    (step / METADATA_FILE).write_text("{}")
+    assert not keep(warning(step / "params" / METADATA_FILE))
+    assert keep(record(str(step / "params" / METADATA_FILE), logging.WARNING))  # other text

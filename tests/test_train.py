@@ -467,6 +467,29 @@ def test_sample_and_convert_read_a_training_run(uninterrupted, tmp_path):
     assert "x_embedder.proj.weight" in exported
 
 
+def test_restoring_a_run_s_params_item_logs_no_metadata_warning(uninterrupted, caplog):
+    """orbax warns that RUN/checkpoints/<step>/params has no metadata file of its own (the
+    step has it); `launch.params_io` drops that warning, and only that one."""
+    from absl import logging as absl_logging
+
+    from launch import params_io
+
+    straight, _ = uninterrupted
+    item = os.path.join(params_io.latest_checkpoint(straight), "params")
+    with caplog.at_level("WARNING"):
+        params_io.restore_params(item, None)
+    assert "Metadata file does not exist" not in caplog.text
+    notice = next(f for f in absl_logging.get_absl_logger().filters
+                  if isinstance(f, params_io.ItemMetadataNotice))
+    absl_logging.get_absl_logger().removeFilter(notice)
+    try:  # the control: without the filter orbax's warning reaches the log
+        with caplog.at_level("WARNING"):
+            params_io.restore_params(item, None)
+        assert "Metadata file does not exist" in caplog.text
+    finally:
+        absl_logging.get_absl_logger().addFilter(notice)
+
+
 def test_transfer_guard_steady_state_makes_no_implicit_copies(latents, tmp_path):
     """`transfer_guard='disallow'`: after the compiling step, batches, metrics, checkpoints and
     sample grids move between host and devices only by explicit copies."""
