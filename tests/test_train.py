@@ -1,6 +1,6 @@
 """The training loop (`launch.training.loop.train`) on 8 simulated devices: one compilation,
-exact resume, SIGTERM then resume, corrupt-checkpoint fallback, restore on a smaller mesh, the
-NaN guard; and `python -m launch.train` for both tiny configs."""
+exact resume, SIGTERM then resume, SIGKILL anywhere then resume, corrupt-checkpoint fallback,
+restore on a smaller mesh, the NaN guard; and `python -m launch.train` for both tiny configs."""
 
 import json
 import os
@@ -106,6 +106,114 @@ def test_sigterm_saves_then_resume_is_identical(latents, uninterrupted, tmp_path
     assert_same_params(final_params(tmp_path, 6), final_params(straight, 6))
 
 
+def tensorboard_scalars(logdir, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of `tag` as TensorBoard shows them: it reads a run's event files in name
+    order, and a session-start event at step s hides the events read before it from s on."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    shown = []
+    for name in sorted(os.listdir(logdir)):
+        data = (logdir / name).read_bytes()
+        offset = 0
+        while offset < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 16 + length
+            if event.session_log.status == SessionLog.START:
+                shown = [(s, v) for s, v in shown if s < event.step]
+            shown += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+    return shown
+
+
+def test_a_resume_keeps_the_whole_metrics_records_up_to_its_step(tmp_path, caplog):
+    from launch.training.metrics import drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3}\n{"step": 2, "lo\n{"step": 2, "loss": 2}\n\n'
+                    '{"step": 3, "loss": 1}\n{"step": 4, "loss": 0.')
+    drop_records_after(str(path), 3)
+    assert path.read_text() == ('{"step": 1, "loss": 3}\n{"step": 2, "loss": 2}\n'
+                                '{"step": 3, "loss": 1}\n')
+    assert f"{path}:2 is not a whole metrics record" in caplog.text
+    assert f"{path}:6 is not a whole metrics record" in caplog.text
+    drop_records_after(str(path), 1)
+    assert path.read_text() == '{"step": 1, "loss": 3}\n'
+
+
+def test_runs_killed_anywhere_resume_to_the_uninterrupted_run(latents, uninterrupted, tmp_path):
+    """SIGKILL (no handler runs: a lost machine, or a preemption's grace period running out),
+    once halfway through a metrics line and once while orbax commits the save a SIGTERM
+    asked for. The next run finishes as if never stopped: same parameters, every step once in
+    metrics.jsonl and in TensorBoard, and no unfinished checkpoint left behind."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, xla_flags
+
+    straight, _ = uninterrupted
+    run = tmp_path / "run"
+    args = ["--config", "configs/lightningdit.py:tiny", "--workdir", str(run),
+            f"--config.data.path={latents}", "--config.data.prepare=", "--config.total_steps=6",
+            "--config.log_every=1", "--config.ckpt_every=3", "--config.sample_every=0",
+            "--config.mesh.data=2", "--config.mesh.fsdp=4"]  # the `uninterrupted` run's config
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), PYTHONPATH=str(REPO))
+
+    def launch(*command):
+        return subprocess.run([sys.executable, *command, *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    killed = launch("tests/killed_train.py", "log:5")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert os.listdir(run / "checkpoints") == ["3"]
+    assert (run / "metrics.jsonl").read_text().endswith('{"step": 5, "loss": 2.9')
+
+    killed = launch("tests/killed_train.py", "commit:5")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert "metrics.jsonl:5 is not a whole metrics record" in killed.stderr
+    assert sorted(os.listdir(run / "checkpoints")) == ["3", "5.orbax-checkpoint-tmp"]
+
+    finished = launch("-m", "launch.train")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert json.loads(finished.stdout.strip().splitlines()[-1])["final_step"] == 6
+    assert sorted(os.listdir(run / "checkpoints")) == ["3", "6"]
+    assert_same_params(final_params(run, 6), final_params(straight, 6))
+    steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert losses(run) == losses(straight)
+    shown = tensorboard_scalars(run / "tensorboard", "loss")
+    assert [step for step, _ in shown] == [1, 2, 3, 4, 5, 6]
+    assert dict(shown) == pytest.approx(losses(straight), rel=1e-7)  # float32 in the files
+    assert len(os.listdir(run / "tensorboard")) == 3
+
+
+def test_a_run_deletes_its_unfinished_save_and_a_reader_keeps_it(tmp_path):
+    """A save a killed process left unfinished is deleted when its run starts again; a
+    read-only Checkpointer (`init_from` reads another run, which may be saving) leaves it."""
+    from launch.training.checkpointing import Checkpointer
+
+    state = {"w": np.arange(4, dtype=np.float32)}
+    writer = Checkpointer(str(tmp_path), async_save=False)
+    writer.save(1, state=state, params=state, data_state={"i": 1}, config={})
+    writer.close()
+    unfinished = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp"
+    shutil.copytree(tmp_path / "checkpoints" / "1", unfinished)
+    (unfinished / "commit_success.txt").unlink(missing_ok=True)
+
+    reader = Checkpointer(str(tmp_path), read_only=True)
+    step, restored, data_state = reader.restore_latest(jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state))
+    reader.close()
+    assert (step, data_state) == (1, {"i": 1})
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert unfinished.is_dir()
+    rerun = Checkpointer(str(tmp_path), async_save=False)  # deletes it before its first save
+    rerun.save(3, state=state, params=state, data_state={"i": 3}, config={})
+    rerun.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "3"]
+
+
 def test_corrupt_latest_checkpoint_falls_back(latents, uninterrupted, tmp_path, caplog):
     straight, _ = uninterrupted
     shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
@@ -163,6 +271,20 @@ def test_train_cli_vavae_tiny(tmp_path):
     assert np.isfinite(summary["loss"]) and "vf_loss" in summary
     assert (tmp_path / "run" / "images" / "samples_00000003.png").exists()
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "3" / "params")
+
+    # the next stage starts from this run's latest state (with lr 0 it keeps those weights),
+    # and leaves the save this run may be making alone
+    unfinished = tmp_path / "run" / "checkpoints" / "6.orbax-checkpoint-tmp"
+    unfinished.mkdir()
+    _, err = run_module("launch.train", "--config", "configs/vavae.py:tiny", "--workdir",
+                        str(tmp_path / "stage2"), f"--config.data.path={tree}",
+                        "--config.data.procedural_images_per_class=0",
+                        f"--config.init_from={tmp_path / 'run'}", "--config.optimizer.lr=0",
+                        "--config.total_steps=1", "--config.ckpt_every=1",
+                        "--config.sample_every=0", with_stderr=True)
+    assert f"from {tmp_path / 'run' / 'checkpoints' / '3'}" in err
+    assert unfinished.is_dir()
+    assert_same_params(final_params(tmp_path / "stage2", 1), final_params(tmp_path / "run", 3))
 
 
 def test_train_cli_lightningdit_tiny_prepares_its_latents(tmp_path):

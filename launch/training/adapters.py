@@ -264,13 +264,15 @@ class VAVAEAdapter:
         if os.path.isdir(os.path.join(path, "checkpoints")):
             from launch.training.checkpointing import Checkpointer, abstract_with_shardings
 
-            previous = Checkpointer(path, async_save=False)
+            previous = Checkpointer(path, async_save=False, read_only=True)
             restored = previous.restore_latest(
                 abstract_with_shardings(abstract_like(state), shardings))
             previous.close()
             if restored is None:
                 raise FileNotFoundError(f"{path} holds no readable checkpoint")
-            prev = restored[1]
+            step, prev, _ = restored
+            logging.info("initialised the autoencoder and discriminator from %s",
+                         os.path.join(previous.directory, str(step)))
             return state.replace(params=prev.params, disc_params=prev.disc_params,
                                  disc_batch_stats=prev.disc_batch_stats)
         if os.path.isdir(path):

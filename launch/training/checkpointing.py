@@ -9,8 +9,11 @@
 Randomness needs no item: every step derives its keys from (config.seed, step).
 
 Saves are asynchronous: `save` returns once the arrays are copied off the devices. A
-checkpoint is visible only after orbax commits it, so a kill during a save leaves the previous
-one; a latest checkpoint that cannot be read is skipped with a warning naming it.
+checkpoint is visible only after orbax commits it (renames `<step>.orbax-checkpoint-tmp` to
+`<step>`), so a kill during a save leaves the previous one; the next run deletes the unfinished
+directory, which a step the run never saves again (a preemption's) would otherwise leave behind
+at the size of a whole state. A latest checkpoint that cannot be read is skipped with a warning
+naming it.
 """
 
 from __future__ import annotations
@@ -34,11 +37,17 @@ class Checkpointer:
     """Save / restore one run's checkpoints under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, keep_period: int | None = None,
-                 async_save: bool = True):
+                 async_save: bool = True, read_only: bool = False):
+        """`read_only` for another run's checkpoints (`init_from`): that run may be saving,
+        so nothing there is created or deleted."""
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, keep_period=keep_period or None, create=True,
-            enable_async_checkpointing=async_save)
+        if read_only:  # (orbax warns about each writing option it then ignores)
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                   save_interval_steps=0)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, keep_period=keep_period or None, create=True,
+                cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def save(self, step: int, *, state, params, data_state: dict, config: dict,

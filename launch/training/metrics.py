@@ -1,6 +1,8 @@
 """Metrics and progress: TensorBoard event files, `metrics.jsonl`, a progress line, PNG grids.
 
-TensorBoard files are written with tensorboardX (no TensorFlow in the training process).
+TensorBoard files are written with tensorboardX's protos and record writer (no TensorFlow in
+the training process), synchronously: tensorboardX's `SummaryWriter` hands events to a thread
+that writes them every 2 minutes, and a killed run lost them.
 Every logged step appends one JSON object to `WORKDIR/metrics.jsonl` with at least `step` and
 `loss` (the optimised total). Only process 0 writes; the other processes keep the same object
 with writing switched off, so callers never branch on the process.
@@ -42,14 +44,63 @@ def format_eta(seconds: float) -> str:
 
 
 def drop_records_after(path: str, step: int) -> None:
-    """Keep the records of `metrics.jsonl` up to `step` (the checkpoint a run resumed from)."""
+    """Keep the records of `metrics.jsonl` up to `step` (the checkpoint a run resumed from).
+
+    A line that is not a whole record is dropped with a warning: a run killed while writing
+    (or a full disk, or a network file system) can leave its last line cut, and the log must
+    never stop a run from resuming."""
     if not os.path.exists(path):
         return
+    kept = []
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                logging.warning("%s:%d is not a whole metrics record (a run killed while "
+                                "writing it?); dropped: %.80r", path, number, line)
+                continue
+            if record_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+class EventFile:
+    """One TensorBoard event file in `logdir`, each event on disk when its call returns.
+
+    `purge_step`: the run's first step. TensorBoard then hides what an earlier run in this
+    `logdir` logged from that step on (a stopped run, whose steps since its last checkpoint are
+    logged again), as metrics.jsonl drops it."""
+
+    def __init__(self, logdir: str, purge_step: int | None = None):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        # the pid keeps a resumed run in the same second off the stopped run's file name
+        self._writer = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}")
+        if purge_step is not None:
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+            self._write(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+
+    def _write(self, event) -> None:
+        event.wall_time = time.time()
+        self._writer.write_event(event)
+        self._writer.flush()
+
+    def add_summaries(self, summaries: list, step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        values = [v for summary in summaries for v in summary.value]
+        self._write(Event(step=step, summary=Summary(value=values)))
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class MetricLogger:
@@ -67,13 +118,11 @@ class MetricLogger:
         self.num_devices = num_devices
         self.peak = peak_flops_per_device()
         self.enabled = enabled
-        self._writer = None
+        self._events = None
         self._jsonl = None
         if enabled:
-            from tensorboardX import SummaryWriter
-
-            os.makedirs(workdir, exist_ok=True)
-            self._writer = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+            self._events = EventFile(os.path.join(workdir, "tensorboard"),
+                                     purge_step=start_step + 1)
             path = os.path.join(workdir, "metrics.jsonl")
             drop_records_after(path, start_step)  # steps redone after a resume are re-logged
             self._jsonl = open(path, "a")  # noqa: SIM115
@@ -101,11 +150,12 @@ class MetricLogger:
             eta = float("nan")
         self._last_time, self._last_step = now, step
         if self.enabled:
+            from tensorboardX.summary import scalar
+
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
-            for key, value in record.items():
-                if key != "step":
-                    self._writer.add_scalar(key, value, step)
+            self._events.add_summaries([scalar(key, value) for key, value in record.items()
+                                        if key != "step"], step)
             logging.info("%s", self.progress_line(record, eta))
         return record
 
@@ -133,10 +183,12 @@ class MetricLogger:
         path = os.path.join(self.workdir, "images", f"{name}_{step:08d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         Image.fromarray(grid).save(path)
-        self._writer.add_image(name, grid, step, dataformats="HWC")
+        from tensorboardX.summary import image
+
+        self._events.add_summaries([image(name, grid, dataformats="HWC")], step)
         return path
 
     def close(self) -> None:
         if self.enabled:
-            self._writer.close()
+            self._events.close()
             self._jsonl.close()
