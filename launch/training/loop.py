@@ -277,8 +277,11 @@ def ensure_workdir(workdir: str) -> None:
 
 
 def write_config(workdir: str, config) -> None:
-    """The run's config as JSON in `workdir/config.json` (process 0)."""
+    """The run's config as JSON in `workdir/config.json` (process 0; written whole or not at
+    all, as everything a run may be killed while writing)."""
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
