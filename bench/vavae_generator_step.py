@@ -21,15 +21,16 @@ from flax import linen as nn
 from bench.dit_throughput import time_fn
 from configs.vavae import get_config
 from launch.build import vavae_models
-from vavae_jax.train_step import generator_grads, init_train_state, reference_generator_grads
+from vavae_jax.reference_grads import reference_generator_grads
+from vavae_jax.train_step import generator_grads, init_train_state
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny", help="configs/vavae.py variant")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     config = get_config(args.config)
     models, loss, (ae_opt, disc_opt) = vavae_models(config)

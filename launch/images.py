@@ -1,4 +1,4 @@
-"""Image grids for sample previews (PNG, written with PIL)."""
+"""Image grids for sample previews (PNG, written with PIL), plain or with class labels."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -42,3 +42,22 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, ncols: int | None = N
               upscale: int = 1) -> None:
     """`make_grid` written as one PNG."""
     Image.fromarray(make_grid(images, ncols, upscale)).save(path)
+
+
+def labelled_grid(images: np.ndarray, labels: np.ndarray, ncols: int | None = None,
+                  class_names: list[str] | None = None, rows: bool = False) -> np.ndarray:
+    """uint8 grid of images (N, H, W, 3), each with its class written above it (`rows`: only
+    the first image of each row, for grids with one class per row)."""
+    ncols = ncols or math.ceil(math.sqrt(len(images)))
+    scale = max(1, 64 // images.shape[1])
+    tiles = []
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+        h, w, _ = image.shape
+        tile = Image.new("RGB", (w, h + 12), (255, 255, 255))
+        tile.paste(Image.fromarray(image), (0, 12))
+        if not rows or i % ncols == 0:
+            name = class_names[label] if class_names else str(int(label))
+            ImageDraw.Draw(tile).text((2, 0), name, fill=(0, 0, 0))
+        tiles.append(np.asarray(tile))
+    return make_grid(np.stack(tiles), ncols=ncols)

@@ -12,7 +12,7 @@ calls it). What a run is:
   statistics, decodes them with the VA-VAE and converts to uint8 as upstream writes PNGs.
 - Every `chunk_size` images are gathered and written by process 0 as
   `chunks/chunk_{k:05d}.npz` (written to a temporary name, then renamed). A rerun of the same
-  command skips the finished chunks; `json` records the settings a rerun must share.
+  command skips the finished chunks; `sampling.json` records the settings a rerun must share.
 - `assemble` concatenates the chunks into one ADM-format `.npz` (`arr_0` uint8 NHWC images,
   `arr_1` labels) that the ADM evaluator and `launch.evaluate` read.
 """
@@ -231,27 +231,6 @@ def assemble(workdir: str, plan: Plan, output: str) -> np.ndarray:
     return samples
 
 
-def labelled_grid(images: np.ndarray, labels: np.ndarray, ncols: int | None = None,
-                  class_names: list[str] | None = None, rows: bool = False) -> np.ndarray:
-    """uint8 grid of images (N, H, W, 3), each with its class written above it (`rows`: only
-    the first image of each row, for grids with one class per row)."""
-    ncols = ncols or int(np.ceil(np.sqrt(len(images))))
-    from PIL import Image, ImageDraw
-
-    scale = max(1, 64 // images.shape[1])
-    tiles = []
-    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-        image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
-        h, w, _ = image.shape
-        tile = Image.new("RGB", (w, h + 12), (255, 255, 255))
-        tile.paste(Image.fromarray(image), (0, 12))
-        if not rows or i % ncols == 0:
-            name = class_names[label] if class_names else str(int(label))
-            ImageDraw.Draw(tile).text((2, 0), name, fill=(0, 0, 0))
-        tiles.append(np.asarray(tile))
-    return image_grids.make_grid(np.stack(tiles), ncols=ncols)
-
-
 # -- the whole command as a library function ----------------------------------------------
 
 
@@ -410,7 +389,7 @@ def run_sampling(config, workdir: str, *, checkpoint: str | None, num_samples: i
             shown = latent_preview(samples[:n])
         from PIL import Image
 
-        Image.fromarray(labelled_grid(shown, all_labels[:n])).save(
+        Image.fromarray(image_grids.labelled_grid(shown, all_labels[:n])).save(
             os.path.join(workdir, "samples.png"))
     logging.info("%d samples %s in %s (%s, %d steps, cfg %.2f)", plan.num_samples,
                  samples.shape[1:], output, config.sample.method, config.sample.num_steps,

@@ -21,6 +21,7 @@ from vavae_jax.discriminator import NLayerDiscriminator
 from vavae_jax.discriminator import params_from_torch as disc_from_torch
 from vavae_jax.distributions import DiagonalGaussian
 from vavae_jax.losses import reconstruction_nll, vf_loss, vf_loss_terms
+from vavae_jax.reference_grads import reference_generator_grads
 from vavae_jax.train_step import (
     LossConfig,
     VAEModels,
@@ -28,7 +29,6 @@ from vavae_jax.train_step import (
     generator_grads,
     init_train_state,
     make_optimizers,
-    reference_generator_grads,
     train_step,
 )
 

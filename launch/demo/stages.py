@@ -121,7 +121,7 @@ def sample(demo: Demo) -> dict:
     with np.load(demo.path("samples", "samples.npz")) as data:
         images, classes = data["arr_0"], data["arr_1"]
     rows = [images[classes == c][:GRID_COLUMNS] for c in range(NUM_CLASSES)]
-    from launch.sampling import labelled_grid
+    from launch.images import labelled_grid
 
     shown = np.concatenate(rows)
     names = _class_names(demo)
