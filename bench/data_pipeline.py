@@ -224,7 +224,7 @@ def forward_gflop() -> dict:
     return {name: module_gflop(*case) for name, case in cases.items()}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num_images", type=int, default=512)
     parser.add_argument("--batch", type=int, default=64, help="image batch (per host)")
@@ -237,7 +237,7 @@ def main():
     parser.add_argument("--data", default="", help="JPEG tree to write or reuse (default: temp)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="", help="also write the numbers here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read the absl flags

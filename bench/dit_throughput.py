@@ -65,13 +65,13 @@ def bench_train(kwargs: dict, batch: int, steps: int) -> dict:
     return {"ms_per_step": 1e3 * seconds, "img_per_s": batch / seconds}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="tiny",
                         help="registry name (e.g. LightningDiT-XL/1) or 'tiny'")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     host_memory.use_huge_pages()  # as the launch commands (restarts once on a CPU host)
     xla_cpu.add_cpu_flags()
 

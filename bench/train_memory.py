@@ -201,7 +201,7 @@ def print_model(model: str, r: dict, fsdp: int) -> None:
                   f"(outputs - exact state = {v['state_check'] / GiB:+.3f} GiB)")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="both", choices=["lightningdit", "vavae", "both"])
     parser.add_argument("--per_device_batch", type=int, default=0,
@@ -211,7 +211,7 @@ def main():
                         help="e.g. '2,4': compile LightningDiT at these depths and extrapolate "
                              "(for machines where compiling all 28 blocks is too slow)")
     parser.add_argument("--json", default="", help="write the numbers here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     memory_minimising_scheduler()
 
     depths = [int(d) for d in args.dit_depths.split(",") if d]

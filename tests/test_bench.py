@@ -572,3 +572,56 @@ def test_ab_refuses_what_it_cannot_compare(tmp_path):
         else:
             with pytest.raises(SystemExit, match=message):
                 ab.run_once(tmp_path, ["fake_bench"], "step_s", 60)
+
+
+# -- the benchmarks outside the suite, each run once as its command -------------------------
+
+
+def run_bench(module: str, *args: str) -> str:
+    from helpers import run_module
+
+    return run_module(module, *args, timeout=600)
+
+
+def test_dit_throughput_measures_each_precision_side_by_side():
+    out = run_bench("bench.dit_throughput", "--variant", "tiny", "--batch", "2", "--steps", "1")
+    r = json.loads(out[out.index("{"):])
+    assert set(r["results"]) == {"float32", "bfloat16", "bfloat16+remat"}
+    assert r["results"]["float32"]["speed_vs_float32"] == 1.0
+    assert all(v["img_per_s"] > 0 and v["tflops_per_device"] > 0 for v in r["results"].values())
+
+
+def test_vavae_generator_step_times_both_formulations():
+    out = run_bench("bench.vavae_generator_step", "--config", "tiny", "--batch", "2",
+                    "--steps", "1")
+    r = json.loads(out[out.index("{"):])["results"]
+    assert r["staged"]["ms_per_call"] > 0 and r["reference"]["ms_per_call"] > 0
+    assert r["speedup_staged_vs_reference"] == pytest.approx(
+        r["reference"]["ms_per_call"] / r["staged"]["ms_per_call"])
+
+
+def test_train_memory_extrapolates_the_xl1_step(tmp_path):
+    from configs.lightningdit import get_config
+
+    run_bench("bench.train_memory", "--model", "lightningdit", "--per_device_batch", "1",
+              "--dit_depths", "1,2", "--json", str(tmp_path / "memory.json"))
+    r = json.loads((tmp_path / "memory.json").read_text())["results"]["lightningdit"]
+    assert r["config"] == "configs/lightningdit.py:xl1_64ep"
+    model = get_config("xl1_64ep").model
+    assert (model.hidden_size, model.depth) == (1152, 28)
+    assert r["state"]["params"]["bytes"] / 4 == pytest.approx(675e6, rel=2e-3)  # XL/1, f32
+    for v in r["variants"].values():
+        assert v["peak"] == v["argument"] + v["temp"] + v["output"] - v["alias"]
+        assert v["extrapolated_from_depths"] == [1, 2] and v["temp_per_block"] > 0
+
+
+def test_data_pipeline_times_the_real_pipelines(tmp_path):
+    run_bench("bench.data_pipeline", "--num_images", "16", "--batch", "4", "--latent_batch",
+              "8", "--num_latents", "64", "--seconds", "0.5", "--rounds", "1", "--workers", "0",
+              "--data", str(tmp_path / "jpegs"), "--json", str(tmp_path / "pipeline.json"))
+    r = json.loads((tmp_path / "pipeline.json").read_text())
+    assert sum(r["jpegs"]["sizes"].values()) == 16
+    assert set(r["image_pipeline"]) == {"center_crop workers=0", "random_crop workers=0"}
+    assert all(v["per_s"] > 0 for v in [*r["image_pipeline"].values(),
+                                        *r["latent_pipeline"].values()])
+    assert r["forward_gflop"]["autoencoder"]["gflop"] == pytest.approx(362.2, rel=1e-3)
