@@ -20,7 +20,8 @@ ones), or an `.npz` for `latent_stats`. Upstream side: a `.pt` / `.pth` / `.ckpt
 `.safetensors` file (read with torch.load(weights_only=True): never runs pickled code).
 `--config` describes the model; without it, a run's own config, or upstream's released model.
 Mistakes (a missing input, an unknown name, a config that does not fit the weights, an
-existing output without `--overwrite`) end in one `error:` line and exit status 1.
+existing output without `--overwrite`) end in one `error:` line and exit status 1. The output
+appears whole or not at all (written under a temporary name, then renamed).
 """
 
 from __future__ import annotations
@@ -148,14 +149,23 @@ def convert(name: str, src: str, dst: str, *, config: ml_collections.ConfigDict 
             tree = conv.from_run(step_dir, options) if step_dir else _read_jax(conv, src)
             if step_dir or os.path.isdir(src):
                 params_io.check_tree(tree, conv.abstract(model), src)
-        if os.path.exists(dst):
-            _remove(dst)
-        if dst_side == "torch":
-            conv.write_torch(dst, tree, model, options)
-        elif conv.native_suffix and dst.endswith(conv.native_suffix):
-            converters.save_npz(dst, tree)
-        else:
-            params_io.save_params(dst, tree)
+        # written under a temporary name beside `dst` (same suffix), then renamed: a failed or
+        # killed conversion leaves no partial output, and --overwrite keeps the old one until
+        # the new one is whole
+        tmp = os.path.join(parent, f".{os.getpid()}.tmp.{os.path.basename(dst)}")
+        try:
+            if dst_side == "torch":
+                conv.write_torch(tmp, tree, model, options)
+            elif conv.native_suffix and dst.endswith(conv.native_suffix):
+                converters.save_npz(tmp, tree)
+            else:
+                params_io.save_params(tmp, tree)
+            if os.path.exists(dst):
+                _remove(dst)
+            os.replace(tmp, dst)
+        finally:
+            if os.path.lexists(tmp):
+                _remove(tmp)
     except (ConversionError, ValueError) as e:  # the weights do not fit, unreadable files
         raise UserError(str(e)) from e
     leaves = jax.tree.leaves(tree)

@@ -8,6 +8,7 @@ user mistakes end in one `error:` line.
 """
 
 import inspect
+import os
 import subprocess
 import sys
 
@@ -158,6 +159,42 @@ def test_unknown_names_configs_and_paths_are_user_errors(tmp_path):
     with pytest.raises(UserError, match=r"text\.pt with torch\.load\(weights_only=True\): not "
                                         r"a torch checkpoint"):
         convert("discriminator", tmp_path / "text.pt", tmp_path / "x", config=config)
+
+
+@pytest.mark.parametrize("output", ["d.pt", "params"])
+def test_an_output_appears_whole_or_not_at_all(output, tmp_path, monkeypatch):
+    """A conversion that fails while writing (here: a full disk) leaves no partial file, and
+    with --overwrite the previous output stays as it was."""
+    from launch import converters
+
+    conv, config, model, tree = _case("discriminator")
+    src, dst = tmp_path / "in.pt", tmp_path / output
+    conv.write_torch(str(src), tree, model, Options())
+    convert("discriminator", src, dst, config=config)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+
+    def full_disk(path, *_):
+        if output == "params":  # an orbax directory: one file into it
+            os.makedirs(path)
+            path = os.path.join(path, "x")
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    if output == "params":
+        monkeypatch.setattr(params_io, "save_params", full_disk)
+    else:
+        monkeypatch.setattr(converters.Converter, "write_torch",
+                            lambda self, path, *_: full_disk(path))
+    for target in (dst, tmp_path / f"new_{output}"):
+        with pytest.raises(OSError, match="No space left"):
+            convert("discriminator", src, target, config=config, overwrite=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no new or half file
+    monkeypatch.undo()
+    if output == "params":
+        _assert_same_tree(params_io.restore_params(dst, None), tree)
+    else:
+        _assert_same_tree(conv.read_torch(str(dst), model, Options()), tree)
 
 
 def test_params_directories_that_do_not_fit_are_named(tmp_path):
