@@ -228,14 +228,24 @@ def evaluate(samples: Batch, reference: Batch, extract: FeatureExtractor | None,
 def save_statistics(path: str | os.PathLike, features: Mapping[str, np.ndarray],
                     images: np.ndarray | None = None) -> None:
     """Write an ADM-format reference batch: `mu`/`sigma` (+ `mu_s`/`sigma_s`), optionally the
-    images as `arr_0`."""
+    images as `arr_0`. As `np.savez`, `.npz` is added to a path without it. The file is written
+    under a temporary name and renamed: later evaluations read it as their reference, so it
+    must never be left half-written."""
     out = {}
     out["mu"], out["sigma"] = metrics.feature_statistics(features["pool"])
     if "spatial" in features:
         out["mu_s"], out["sigma_s"] = metrics.feature_statistics(features["spatial"])
     if images is not None:
         out["arr_0"] = images
-    np.savez(path, **out)
+    path = os.fspath(path)
+    path = path if path.endswith(".npz") else path + ".npz"
+    tmp = path.removesuffix(".npz") + f".{os.getpid()}.tmp.npz"
+    try:
+        np.savez(tmp, **out)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def uint8_from_model_range(x: jax.Array) -> jax.Array:

@@ -55,6 +55,28 @@ def test_stored_statistics_take_precedence_over_images(tmp_path):
     assert (result["precision"], result["recall"]) == (p, r)
 
 
+def test_saved_statistics_are_whole_or_absent(tmp_path, monkeypatch):
+    """A reference batch is written whole (read back as a batch, `.npz` added as np.savez
+    does) or, when writing fails, not at all, and an earlier file of that name is kept."""
+    features = _extract(_images(0))
+    evaluation.save_statistics(tmp_path / "ref", features)
+    batch = evaluation.load_batch(tmp_path / "ref.npz")
+    np.testing.assert_array_equal(batch.stats[0], metrics.feature_statistics(features["pool"])[0])
+    before = (tmp_path / "ref.npz").read_bytes()
+
+    def full_disk(path, **_):
+        with open(path, "wb") as f:
+            f.write(b"PK half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    for name in ("ref.npz", "other.npz"):
+        with pytest.raises(OSError, match="No space left"):
+            evaluation.save_statistics(tmp_path / name, _extract(_images(1)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz"]
+    assert (tmp_path / "ref.npz").read_bytes() == before
+
+
 def test_precision_recall_distances_and_too_few_images(tmp_path):
     samples, reference = _images(2, n=40), _images(3, n=40)
     want = metrics.precision_recall(_extract(reference)["pool"], _extract(samples)["pool"],
