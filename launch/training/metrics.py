@@ -77,14 +77,14 @@ class EventFile:
     logged again), as metrics.jsonl drops it."""
 
     def __init__(self, logdir: str, purge_step: int | None = None):
+        # tensorboardX is imported when a run logs, not with this module (it imports torch)
         from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
 
         os.makedirs(logdir, exist_ok=True)
         # the pid keeps a resumed run in the same second off the stopped run's file name
         self._writer = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}")
         if purge_step is not None:
-            from tensorboardX.proto.event_pb2 import Event, SessionLog
-
             self._write(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
 
     def _write(self, event) -> None:
@@ -92,12 +92,21 @@ class EventFile:
         self._writer.write_event(event)
         self._writer.flush()
 
-    def add_summaries(self, summaries: list, step: int) -> None:
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Every (tag, value) of `values` in one event at `step`."""
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.summary import scalar
 
-        values = [v for summary in summaries for v in summary.value]
-        self._write(Event(step=step, summary=Summary(value=values)))
+        tagged = [v for tag, value in values.items() for v in scalar(tag, value).value]
+        self._write(Event(step=step, summary=Summary(value=tagged)))
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """A uint8 (H, W, 3) image, PNG-encoded, at `step`."""
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import image as image_summary
+
+        self._write(Event(step=step, summary=image_summary(tag, image, dataformats="HWC")))
 
     def close(self) -> None:
         self._writer.close()
@@ -150,12 +159,9 @@ class MetricLogger:
             eta = float("nan")
         self._last_time, self._last_step = now, step
         if self.enabled:
-            from tensorboardX.summary import scalar
-
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
-            self._events.add_summaries([scalar(key, value) for key, value in record.items()
-                                        if key != "step"], step)
+            self._events.scalars({k: v for k, v in record.items() if k != "step"}, step)
             logging.info("%s", self.progress_line(record, eta))
         return record
 
@@ -183,9 +189,7 @@ class MetricLogger:
         path = os.path.join(self.workdir, "images", f"{name}_{step:08d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         Image.fromarray(grid).save(path)
-        from tensorboardX.summary import image
-
-        self._events.add_summaries([image(name, grid, dataformats="HWC")], step)
+        self._events.image(name, grid, step)
         return path
 
     def close(self) -> None:
