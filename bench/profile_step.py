@@ -18,7 +18,11 @@ host gaps, and ops XLA:CPU does not trace: its own (Eigen) convolutions, which
 with `--no-xla_cpu_flags` to see the convolutions as (traced) YNNPACK fusions instead.
 Prints a table and, as its last line, one JSON object: `wall_s` per step, `idle_s`,
 `attributed_s` per kind, `dots` (the top `--top` layer / shape groups: `wall_s`,
-`tflops_per_s`, `count`) and `dot_flops`.
+`tflops_per_s`, `count`), `ops` (the top `--top_ops` groups of the other ops, by kind, result
+shape and where in the model they come from: `wall_s`, `count`) and `dot_flops`. An op's
+"where" is its op_name in the HLO metadata with the layer indices starred (`blocks_*`),
+`forward` / `backward` for the model's passes and the bare operation (`add`, `mul`) for the
+optimizer update outside them.
 """
 
 from __future__ import annotations
@@ -47,6 +51,22 @@ _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*?\{\n(.*?)\n\}", re.S |
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])\S* ([\w\-]+)\((.*)$")
 
 
+def _where(line: str) -> str:
+    """Where an instruction comes from, from its op_name: "backward blocks_*/attn/stack"."""
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    if not op_name:
+        return "?"
+    passes, parts = [], []
+    for part in op_name.group(1).split(";")[0].split("/"):
+        if part.startswith("transpose(jvp("):
+            passes.append("backward")
+        elif part.startswith("jvp("):
+            passes.append("forward")
+        elif not part.startswith("jit("):
+            parts.append(re.sub(r"_\d+$", "_*", part))
+    return " ".join(passes[-1:] + ["/".join(parts) or "?"])
+
+
 def _dims(shape: str) -> list[int]:
     return [int(d) for d in shape[shape.index("[") + 1:-1].split(",") if d]
 
@@ -70,8 +90,9 @@ def _dot_info(line: str, shapes: dict) -> tuple[str, float]:
 
 
 def classify_hlo(hlo_text: str) -> dict:
-    """Instruction name -> (kind, dot label or None, FLOPs) for every instruction of the
-    compiled module's computations (fusion bodies included)."""
+    """Instruction name -> (kind, label, FLOPs) for every instruction of the compiled
+    module's computations (fusion bodies included). A dot's label is its layer and operand
+    shapes, any other op's its result shape and `_where`."""
     bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo_text)}
     parsed = {}  # computation -> [(name, shape, op, line)]
     for comp, body in bodies.items():
@@ -80,7 +101,8 @@ def classify_hlo(hlo_text: str) -> dict:
     table = {}
     for instructions in parsed.values():
         shapes = {name: shape for name, shape, _, _ in instructions}
-        for name, _, op, line in instructions:
+        for name, shape, op, line in instructions:
+            label = f"{shape} {_where(line)}"
             if op == "fusion":
                 called = re.search(r"calls=%?([\w.\-]+)", line)
                 inner = parsed.get(called.group(1), []) if called else []
@@ -91,13 +113,13 @@ def classify_hlo(hlo_text: str) -> dict:
                     dot_line = next(ln for _, _, o, ln in inner if o == "dot")
                     table[name] = ("dot", *_dot_info(dot_line, inner_shapes))
                 else:
-                    table[name] = (kind, None, 0.0)
+                    table[name] = (kind, label, 0.0)
             elif op == "dot":
                 table[name] = ("dot", *_dot_info(line, shapes))
             elif op in ("copy", "convolution", "transpose"):
-                table[name] = (op, None, 0.0)
+                table[name] = (op, label, 0.0)
             elif op not in ("parameter", "constant", "bitcast", "get-tuple-element", "tuple"):
-                table[name] = ("other", None, 0.0)
+                table[name] = ("other", label, 0.0)
     return table
 
 
@@ -133,7 +155,7 @@ def trace_events(trace_dir: str) -> list[dict]:
 
 def profile(model: str = "lightningdit", variant: str = "B/1", batch: int | None = None,
             dtype: str = "float32", steps: int = 1, warmup: int = 1, top: int = 15,
-            trace_dir: str | None = None) -> dict:
+            trace_dir: str | None = None, top_ops: int = 15) -> dict:
     built = compiled_step(model, variant, batch, dtype)
     compiled, data, rng, frozen = (built[k] for k in ("compiled", "data", "rng", "frozen"))
     table = classify_hlo(compiled.as_text())
@@ -158,7 +180,7 @@ def profile(model: str = "lightningdit", variant: str = "B/1", batch: int | None
         if entry is None or e["name"].split(".")[0] in CONTROL_FLOW:
             continue
         kind, label, f = entry
-        key = f"dot {label}" if kind == "dot" else kind
+        key = f"{kind} {label}"
         ops.append((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, key))
         flops[key] += f
         counts[key] += 1
@@ -173,10 +195,13 @@ def profile(model: str = "lightningdit", variant: str = "B/1", batch: int | None
     dots = [{"label": key[4:], "wall_s": seconds / steps, "count": counts[key] // steps,
              "tflops_per_s": flops[key] / seconds / 1e12 if seconds else None}
             for key, seconds in shares.most_common() if key.startswith("dot ")][:top]
+    others = [{"kind": key.split(" ")[0], "label": key.split(" ", 1)[1],
+               "wall_s": seconds / steps, "count": counts[key] // steps}
+              for key, seconds in shares.most_common() if not key.startswith("dot ")][:top_ops]
     return {"bench": "profile_step", "model": model,
             "variant": variant, "batch": built["batch"], "dtype": dtype, "steps": steps,
             "wall_s": wall, "idle_s": idle / steps,
-            "attributed_s": dict(kinds.most_common()), "dots": dots,
+            "attributed_s": dict(kinds.most_common()), "dots": dots, "ops": others,
             "dot_flops": sum(flops.values()) / steps, **common.device_info()}
 
 
@@ -190,6 +215,9 @@ def report(r: dict) -> None:
     for d in r["dots"]:
         rate = f"{d['tflops_per_s']:.3f}" if d["tflops_per_s"] is not None else "n/a"
         print(f"    {d['wall_s']:8.3f} s {rate:>7s} TFLOP/s {d['count']:4d}x  {d['label']}")
+    print("  other ops (kind, result shape, where): wall share per step")
+    for o in r["ops"]:
+        print(f"    {o['wall_s']:8.3f} s {o['count']:4d}x  {o['kind']:11s} {o['label']}")
 
 
 def main(argv=None):
@@ -199,6 +227,7 @@ def main(argv=None):
                         "f16d32)")
     parser.add_argument("--batch", type=int, default=None, help="as bench.train_step")
     parser.add_argument("--top", type=int, default=15, help="dot groups listed")
+    parser.add_argument("--top_ops", type=int, default=15, help="groups of other ops listed")
     parser.add_argument("--trace_dir", default=None,
                         help="keep the trace here (default: a temporary directory)")
     common.common_args(parser, steps=1, warmup=1)
@@ -206,7 +235,7 @@ def main(argv=None):
     common.start(args)
     variant = args.variant or ("B/1" if args.model == "lightningdit" else "f16d32")
     r = profile(args.model, variant, args.batch, args.dtype, args.steps, args.warmup, args.top,
-                args.trace_dir)
+                args.trace_dir, args.top_ops)
     report(r)
     common.emit(r)
 

@@ -65,11 +65,18 @@ def test_train_step_lightningdit(capsys):
 
 def test_profile_step_shares_the_wall_time_out(capsys):
     profile_step.main(["--model", "lightningdit", "--variant", "tiny", "--batch", "4",
-                       "--top", "50"])
+                       "--top", "50", "--top_ops", "100000"])
     r = last_json(capsys)
     assert r["bench"] == "profile_step" and r["wall_s"] > 0
     # one traced step: the shares and the gaps make up its wall time
     assert sum(r["attributed_s"].values()) + r["idle_s"] == pytest.approx(r["wall_s"], rel=1e-6)
+    # every op is listed: the groups of each kind add up to that kind's share
+    for kind, seconds in r["attributed_s"].items():
+        groups = r["dots"] if kind == "dot" else [o for o in r["ops"] if o["kind"] == kind]
+        assert sum(g["wall_s"] for g in groups) == pytest.approx(seconds, rel=1e-6)
+    wheres = {o["label"].split(" ", 1)[1] for o in r["ops"]}
+    assert any(w.startswith("backward blocks_*/") for w in wheres)
+    assert any(w.startswith("forward blocks_*/") for w in wheres)
     assert r["attributed_s"]["dot"] > 0 and r["dots"]
     assert {d["label"].split(" ")[0] for d in r["dots"]} >= {"qkv", "proj", "w12", "w3"}
     # the dots found in the compiled step are the model's matmuls: 3 x forward per image
@@ -94,6 +101,19 @@ def test_profile_classifies_the_module_first_computation():
         "calls=%fused_computation\n}\n")
     table = profile_step.classify_hlo(hlo)
     assert table["ynn_fusion"][0] == "dot" and table["ynn_fusion"][2] == 2 * 4 * 4 * 4
+
+
+def test_profile_names_where_an_op_comes_from():
+    def line(op_name):
+        return f'  %f.1 = f32[8]{{0}} fusion(%a), kind=kLoop, metadata={{op_name="{op_name}"}}'
+
+    where = profile_step._where
+    assert where(line("jit(step)/transpose(jvp(LightningDiT))/blocks_11/attn/stack")) == \
+        "backward blocks_*/attn/stack"
+    assert where(line("jit(step)/jvp(LightningDiT)/blocks_0/mlp/w12/convert_element_type")) \
+        == "forward blocks_*/mlp/w12/convert_element_type"
+    assert where(line("jit(step)/add")) == "add"  # the optimizer, outside the model's passes
+    assert where("  %f.1 = f32[8]{0} fusion(%a), kind=kLoop") == "?"
 
 
 def test_profile_attribution_shares_overlaps():
