@@ -16,6 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from launch.orbax_reads import AbandonedReads
+
 METADATA_FILE = "_CHECKPOINT_METADATA"
 
 
@@ -100,6 +102,7 @@ def restore_params(path: str | os.PathLike, abstract, shardings=None):
     it (a pod's run read on a laptop). Stored names and shapes that differ from `abstract`'s
     are a `UserError` listing them (before anything is read)."""
     path = os.path.abspath(os.fspath(path))
+    AbandonedReads.install()
     with ocp.StandardCheckpointer() as ckptr:
         stored = stored_tree(path, ckptr)
         if abstract is None:
@@ -146,6 +149,7 @@ def restore_state_entries(step_dir: str | os.PathLike, names: Sequence[str]) -> 
     (the optimiser state stays on disk), on one device."""
     path = os.path.abspath(os.path.join(os.fspath(step_dir), "state"))
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    AbandonedReads.install()
     with ocp.PyTreeCheckpointer() as ckptr:
         stored = ckptr.metadata(path).item_metadata
         missing = [n for n in names if n not in stored]
@@ -160,6 +164,7 @@ def restore_state_entries(step_dir: str | os.PathLike, names: Sequence[str]) -> 
 
 def run_config(step_dir: str | os.PathLike) -> dict:
     """The config (as a dict) saved with a run checkpoint."""
+    AbandonedReads.install()
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
         return ckptr.restore(os.path.abspath(os.path.join(os.fspath(step_dir), "config")))
 

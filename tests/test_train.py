@@ -6,12 +6,15 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import types
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import run_module
+from helpers import REPO, run_module, xla_flags
 
 from configs.lightningdit import get_config as dit_config
 from launch.data.latents import save_latent_stats, write_latent_shard
@@ -214,20 +217,109 @@ def test_a_run_deletes_its_unfinished_save_and_a_reader_keeps_it(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "3"]
 
 
-def test_corrupt_latest_checkpoint_falls_back(latents, uninterrupted, tmp_path, caplog):
-    straight, _ = uninterrupted
-    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
-    state_dir = tmp_path / "checkpoints" / "6" / "state"
-    for root, _, files in os.walk(state_dir):  # garble every array file of the newest state
+def garble_state(workdir, step, item="state"):
+    """Overwrite every array file of checkpoint `step`'s `item` (orbax lists it, cannot read it)."""
+    for root, _, files in os.walk(os.path.join(workdir, "checkpoints", str(step), item)):
         for name in files:
             if "manifest" in name or name.startswith("d") or "ocdbt" in root:
                 with open(os.path.join(root, name), "wb") as f:
                     f.write(b"garbage")
+
+
+# orbax's abandoned reads of the garbled state raise one unraisable error per array, which
+# `AbandonedReads` drops: any that reaches pytest fails the test
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_latest_checkpoint_falls_back(latents, uninterrupted, tmp_path, caplog):
+    straight, _ = uninterrupted
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    garble_state(tmp_path, 6)
     summary = train(config(latents), str(tmp_path))
     assert "checkpoints/6 cannot be restored" in caplog.text
     assert summary["final_step"] == 6
     assert losses(tmp_path) == losses(straight)
     assert_same_params(final_params(tmp_path, 6), final_params(straight, 6))
+
+
+def test_unreadable_checkpoints_end_in_their_warnings_and_one_error_line(latents,
+                                                                          uninterrupted,
+                                                                          tmp_path):
+    """`python -m launch.train` on a run whose checkpoints are all garbled: one warning per
+    checkpoint, then one error line; `python -m launch.sample` on its garbled params: one
+    error line. None of the tracebacks orbax's abandoned reads print."""
+    straight, _ = uninterrupted
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    for step in (6, 3):
+        garble_state(run, step)
+    garble_state(run, 6, "params")
+
+    def failed_run(*args):
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
+                              env=dict(os.environ, XLA_FLAGS=xla_flags(2)), text=True,
+                              timeout=300)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        for noise in ("Traceback", "Event loop is closed", "Task exception was never"):
+            assert noise not in proc.stderr, proc.stderr[-3000:]
+        return proc.stderr.strip().splitlines()
+
+    config_args = ("--config", "configs/lightningdit.py:tiny", f"--config.data.path={latents}")
+    lines = failed_run("launch.train", *config_args, "--workdir", str(run),
+                       "--config.data.prepare=")
+    assert sum("cannot be restored" in line for line in lines) == 2
+    assert lines[-1].startswith("error: none of the checkpoints [6, 3]")
+    lines = failed_run("launch.sample", *config_args, "--checkpoint", str(run), "--workdir",
+                       str(tmp_path / "samples"), "--num_samples", "4")
+    assert lines[-1].startswith(f"error: {run / 'checkpoints' / '6' / 'params'} ")
+
+
+def test_abandoned_reads_drop_only_orbax_noise(monkeypatch):
+    import logging
+
+    from launch import orbax_reads
+    from launch.orbax_reads import AbandonedReads
+
+    passed_on, asyncio_log = [], logging.getLogger("asyncio")
+    monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
+    monkeypatch.setattr(AbandonedReads, "_installed", None)
+    monkeypatch.setattr(asyncio_log, "filters", [])  # an earlier test's instance filters too
+    quiet = AbandonedReads.install()
+    assert AbandonedReads.install() is quiet and sys.unraisablehook == quiet._unraisable
+
+    def unraisable(error, source=None):
+        return types.SimpleNamespace(exc_value=error, exc_type=type(error), exc_traceback=None,
+                                     err_msg=None, object=source)
+
+    def coroutine_from(filename):
+        namespace = {}
+        exec(compile("async def read(): pass", filename, "exec"), namespace)
+        return namespace["read"]()
+
+    orbax_read = coroutine_from(os.path.join(orbax_reads.ORBAX_DIR, "serialization.py"))
+    own_read = coroutine_from("train.py")
+    try:
+        sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+        sys.unraisablehook(unraisable(Exception("error while reading array"), orbax_read))
+        others = [unraisable(RuntimeError("something else")),
+                  unraisable(Exception("error while reading array"), own_read)]
+        for other in others:
+            sys.unraisablehook(other)
+    finally:
+        orbax_read.close()
+        own_read.close()
+    assert quiet.dropped == 2 and passed_on == others
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    asyncio_log.addHandler(handler)
+    try:
+        for defined_at in (orbax_reads.ORBAX_DIR, "train.py"):
+            asyncio_log.error("Task exception was never retrieved\nfuture: <Task finished "
+                              f"coro=<read() done, defined at {defined_at}:1>")
+    finally:
+        asyncio_log.removeHandler(handler)
+    assert quiet.dropped == 3
+    assert [r.getMessage().endswith("train.py:1>") for r in records] == [True]
 
 
 def test_restore_on_a_smaller_mesh(latents, uninterrupted, tmp_path):

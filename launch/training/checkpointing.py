@@ -13,7 +13,7 @@ checkpoint is visible only after orbax commits it (renames `<step>.orbax-checkpo
 `<step>`), so a kill during a save leaves the previous one; the next run deletes the unfinished
 directory, which a step the run never saves again (a preemption's) would otherwise leave behind
 at the size of a whole state. A latest checkpoint that cannot be read is skipped with a warning
-naming it.
+naming it (and no more: `AbandonedReads`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from launch.orbax_reads import AbandonedReads
 
 ITEMS = ("state", "params", "data", "config")
 
@@ -74,6 +76,8 @@ class Checkpointer:
         the state lands on the current mesh, whatever mesh saved it. Checkpoints that exist but
         none of which can be read are an error, never a silent fresh start."""
         steps = sorted(self.manager.all_steps(), reverse=True)
+        if steps:
+            AbandonedReads.install()
         for step in steps:
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
