@@ -173,31 +173,31 @@ def profile(model: str = "lightningdit", variant: str = "B/1", batch: int | None
         raw = trace_events(trace_dir)
     del state
 
-    ops = []  # (start s, end s, key)
-    flops, counts = collections.Counter(), collections.Counter()  # per key, over all steps
+    ops = []  # (start s, end s, (kind, label))
+    flops, counts = collections.Counter(), collections.Counter()  # per group, over all steps
     for e in raw:
         entry = table.get(e["name"])
         if entry is None or e["name"].split(".")[0] in CONTROL_FLOW:
             continue
         kind, label, f = entry
-        key = f"{kind} {label}"
-        ops.append((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, key))
-        flops[key] += f
-        counts[key] += 1
+        ops.append((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, (kind, label)))
+        flops[kind, label] += f
+        counts[kind, label] += 1
     if not ops:
         raise SystemExit("no trace event matched an HLO instruction of the step (this reads "
                          "XLA:CPU traces, whose events carry the instruction names)")
     shares, idle = attribute(ops)
     wall = (max(e for _, e, _ in ops) - min(s for s, _, _ in ops)) / steps
     kinds = collections.Counter()
-    for key, seconds in shares.items():
-        kinds[key.split(" ")[0]] += seconds / steps
-    dots = [{"label": key[4:], "wall_s": seconds / steps, "count": counts[key] // steps,
-             "tflops_per_s": flops[key] / seconds / 1e12 if seconds else None}
-            for key, seconds in shares.most_common() if key.startswith("dot ")][:top]
-    others = [{"kind": key.split(" ")[0], "label": key.split(" ", 1)[1],
-               "wall_s": seconds / steps, "count": counts[key] // steps}
-              for key, seconds in shares.most_common() if not key.startswith("dot ")][:top_ops]
+    for (kind, _), seconds in shares.items():
+        kinds[kind] += seconds / steps
+    groups = shares.most_common()
+    dots = [{"label": label, "wall_s": seconds / steps, "count": counts[kind, label] // steps,
+             "tflops_per_s": flops[kind, label] / seconds / 1e12 if seconds else None}
+            for (kind, label), seconds in groups if kind == "dot"][:top]
+    others = [{"kind": kind, "label": label, "wall_s": seconds / steps,
+               "count": counts[kind, label] // steps}
+              for (kind, label), seconds in groups if kind != "dot"][:top_ops]
     return {"bench": "profile_step", "model": model,
             "variant": variant, "batch": built["batch"], "dtype": dtype, "steps": steps,
             "wall_s": wall, "idle_s": idle / steps,
