@@ -12,22 +12,35 @@ compiled HLO: `dot` (per layer name and operand shapes, with its FLOP rate), `co
 
 XLA runs independent ops side by side, so summed op durations overstate the step. Here every
 stretch of the timeline is shared out equally among the ops running in it, and the shares
-add up to the step's wall time less `idle_s`, the time with no traced op running. That is
-host gaps, and ops XLA:CPU does not trace: its own (Eigen) convolutions, which
-`launch.xla_cpu`'s flag selects for the VA-VAE (5.5 s of a 15.2 s f16d32 step); profile
-with `--no-xla_cpu_flags` to see the convolutions as (traced) YNNPACK fusions instead.
+add up to the step's wall time less `idle_s`, the time with no traced op running (host
+gaps).
+
+XLA:CPU starts its own (Eigen) matmuls and convolutions asynchronously: the event ends when
+the work is handed to other threads, and the ops traced next run beside it. In the B/1
+float32 step the w3 weight gradient's events took 1.2-1.8 ms for 6.4 GFLOP, and the w3 input
+gradient traced next 46-48 ms, twice its time alone; in the f16d32 VA-VAE step, whose
+convolutions `launch.xla_cpu`'s flag gives to Eigen, 3.5 s of a 10.7 s step had no op
+running. A dot or convolution event too short for its FLOPs at 1.5x the matmul peak
+(measured here as by `bench.train_step`) is therefore taken to last until its completion
+mark ("end: NAME") or the first start of an op that reads its result, whichever comes
+first: an upper bound, shared with whatever else ran then.
+
 Prints a table and, as its last line, one JSON object: `wall_s` per step, `idle_s`,
 `attributed_s` per kind, `dots` (the top `--top` layer / shape groups: `wall_s`,
-`tflops_per_s`, `count`), `ops` (the top `--top_ops` groups of the other ops, by kind, result
-shape and where in the model they come from: `wall_s`, `count`) and `dot_flops`. An op's
-"where" is its op_name in the HLO metadata with the layer indices starred (`blocks_*`),
-`forward` / `backward` for the model's passes and the bare operation (`add`, `mul`) for the
-optimizer update outside them.
+`tflops_per_s` over that share, `count`, `busy_s` the summed spans of its ops, `overlapped`
+= 1 - wall_s / busy_s, the part of them shared with other ops, and `async`, how many of its
+ops per step were taken to run past their events), `ops` (the top `--top_ops` groups of the
+other ops, by kind, result shape and where in the model they come from: `wall_s`, `count`,
+`tflops_per_s` for convolutions), `dot_flops` and `peak_tflops`. An op's "where" is its
+op_name in the HLO metadata with the layer indices starred (`blocks_*`), `forward` /
+`backward` for the model's passes and the bare operation (`add`, `mul`) for the optimizer
+update outside them.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import glob
 import gzip
@@ -45,10 +58,15 @@ from bench.train_step import compiled_step
 # First match wins: a fusion holding a dot is a dot, even with elementwise work around it.
 KINDS = ("convolution", "dot", "reduce-window", "reduce", "transpose")
 CONTROL_FLOW = ("while", "conditional", "call")  # their events enclose the ops they run
+# A dot or convolution whose event is shorter than its FLOPs take at this multiple of the
+# measured matmul peak only started its work (`spans`)
+DISPATCH_ONLY_RATE = 1.5
 
 # a computation's header is "name (params) -> type {"; the module's first line is not
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*?\{\n(.*?)\n\}", re.S | re.M)
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])\S* ([\w\-]+)\((.*)$")
+# any result shape, tuples too: name, op, operands and attributes
+_ANY_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\((.*)$")
 
 
 def _where(line: str) -> str:
@@ -89,6 +107,20 @@ def _dot_info(line: str, shapes: dict) -> tuple[str, float]:
     return label, 2.0 * math.prod(_dims(out)) * k
 
 
+def _conv_flops(line: str, shapes: dict) -> float:
+    """FLOPs of one HLO convolution line, as executed (2 per multiply-add, the zeros of a
+    dilated input included): each output element takes the kernel's window x input
+    features; 0 where the kernel's shape is unknown."""
+    m = _INSTRUCTION.match(line)
+    operands = [a.strip().lstrip("%") for a in m.group(4).split(")", 1)[0].split(",")]
+    labels = re.search(r"dim_labels=\w+_(\w+)->", line)
+    if len(operands) != 2 or operands[1] not in shapes or not labels:
+        return 0.0
+    kernel = _dims(shapes[operands[1]])
+    per_output = math.prod(n for n, axis in zip(kernel, labels.group(1)) if axis != "o")
+    return 2.0 * math.prod(_dims(m.group(2))) * per_output
+
+
 def classify_hlo(hlo_text: str) -> dict:
     """Instruction name -> (kind, label, FLOPs) for every instruction of the compiled
     module's computations (fusion bodies included). A dot's label is its layer and operand
@@ -108,19 +140,87 @@ def classify_hlo(hlo_text: str) -> dict:
                 inner = parsed.get(called.group(1), []) if called else []
                 inner_ops = {o for _, _, o, _ in inner}
                 kind = next((k for k in KINDS if k in inner_ops), "elementwise")
+                inner_shapes = {n: s for n, s, _, _ in inner}
                 if kind == "dot":
-                    inner_shapes = {n: s for n, s, _, _ in inner}
                     dot_line = next(ln for _, _, o, ln in inner if o == "dot")
                     table[name] = ("dot", *_dot_info(dot_line, inner_shapes))
+                elif kind == "convolution":
+                    conv_line = next(ln for _, _, o, ln in inner if o == "convolution")
+                    table[name] = (kind, label, _conv_flops(conv_line, inner_shapes))
                 else:
                     table[name] = (kind, label, 0.0)
             elif op == "dot":
                 table[name] = ("dot", *_dot_info(line, shapes))
-            elif op in ("copy", "convolution", "transpose"):
+            elif op == "convolution":
+                table[name] = (op, label, _conv_flops(line, shapes))
+            elif op in ("copy", "transpose"):
                 table[name] = (op, label, 0.0)
             elif op not in ("parameter", "constant", "bitcast", "get-tuple-element", "tuple"):
                 table[name] = ("other", label, 0.0)
     return table
+
+
+# ops that run no thunk of their own: a reader through them reads the op behind them
+PASS_THROUGH = ("bitcast", "get-tuple-element", "tuple")
+
+
+def readers(hlo_text: str) -> dict[str, set[str]]:
+    """Instruction name -> the instructions that read its result, looking through
+    `PASS_THROUGH` ops (names are unique across an HLO module)."""
+    ops, direct = {}, collections.defaultdict(set)
+    for comp in _COMPUTATION.finditer(hlo_text):
+        for line in comp.group(2).splitlines():
+            if m := _ANY_INSTRUCTION.match(line):
+                ops[m.group(1)] = m.group(2)
+                for operand in re.findall(r"%([\w.\-]+)", m.group(3).split(")", 1)[0]):
+                    direct[operand].add(m.group(1))
+    resolved = {}
+
+    def through(name: str) -> set[str]:
+        if name not in resolved:
+            resolved[name] = set()  # a cycle (none in HLO) ends here
+            found = set()
+            for reader in direct.get(name, ()):
+                found |= through(reader) if ops.get(reader) in PASS_THROUGH else {reader}
+            resolved[name] = found
+        return resolved[name]
+
+    return {name: through(name) for name in ops}
+
+
+def spans(raw: list[dict], reader_map: dict[str, set[str]],
+          dispatch_only) -> list[tuple[float, float, str, bool]]:
+    """(start, end, name, extended) in seconds for each traced op (trace events in
+    microseconds). An event for which `dispatch_only(event)` holds ended when its work was
+    handed to other threads; its span ends instead at the earlier of its completion mark
+    ("end: NAME") and the first start of an op reading its result. (Only there: a mark comes
+    after whatever else its thread ran next, readers or not.)"""
+    starts, marks = collections.defaultdict(list), collections.defaultdict(list)
+    for e in raw:
+        if e["name"].startswith("end: "):
+            marks[e["name"][5:]].append(e["ts"])
+        else:
+            starts[e["name"]].append(e["ts"])
+    for times in (*starts.values(), *marks.values()):
+        times.sort()
+    out = []
+    for e in raw:
+        name, start, end = e["name"], e["ts"], e["ts"] + e["dur"]
+        if name.startswith("end: "):
+            continue
+        extended = dispatch_only(e)
+        if extended:
+            bounds = []
+            mark = marks.get(name, [])
+            if (i := bisect.bisect_left(mark, start)) < len(mark):
+                bounds.append(mark[i])
+            for reader in reader_map.get(name, ()):
+                later = starts.get(reader, [])
+                if (i := bisect.bisect_right(later, start)) < len(later):
+                    bounds.append(later[i])
+            end = max(end, min(bounds, default=end))
+        out.append((start / 1e6, end / 1e6, name, extended))
+    return out
 
 
 def attribute(events: list[tuple[float, float, str]]) -> tuple[collections.Counter, float]:
@@ -159,6 +259,7 @@ def profile(model: str = "lightningdit", variant: str = "B/1", batch: int | None
     built = compiled_step(model, variant, batch, dtype)
     compiled, data, rng, frozen = (built[k] for k in ("compiled", "data", "rng", "frozen"))
     table = classify_hlo(compiled.as_text())
+    reader_map = readers(compiled.as_text())
     state = built.pop("state")
     for _ in range(max(warmup, 1)):  # untraced: first-call costs
         state, metrics = compiled(state, data, rng, frozen)
@@ -174,15 +275,26 @@ def profile(model: str = "lightningdit", variant: str = "B/1", batch: int | None
     del state
 
     ops = []  # (start s, end s, (kind, label))
-    flops, counts = collections.Counter(), collections.Counter()  # per group, over all steps
-    for e in raw:
-        entry = table.get(e["name"])
-        if entry is None or e["name"].split(".")[0] in CONTROL_FLOW:
+    # per group, over all steps: FLOPs, ops, their summed spans, and the ops that ran past
+    # their events (asynchronous)
+    flops, counts, busy = collections.Counter(), collections.Counter(), collections.Counter()
+    ran_past = collections.Counter()
+    peak, peak_source = common.device_peak(dtype=dtype)
+
+    def dispatch_only(event):  # too short for its FLOPs
+        entry = table.get(event["name"])
+        return bool(entry and entry[2] > DISPATCH_ONLY_RATE * peak * event["dur"] * 1e6)
+
+    for start, end, name, asynchronous in spans(raw, reader_map, dispatch_only):
+        entry = table.get(name)
+        if entry is None or name.split(".")[0] in CONTROL_FLOW:
             continue
         kind, label, f = entry
-        ops.append((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, (kind, label)))
+        ops.append((start, end, (kind, label)))
         flops[kind, label] += f
         counts[kind, label] += 1
+        busy[kind, label] += end - start
+        ran_past[kind, label] += asynchronous
     if not ops:
         raise SystemExit("no trace event matched an HLO instruction of the step (this reads "
                          "XLA:CPU traces, whose events carry the instruction names)")
@@ -193,31 +305,44 @@ def profile(model: str = "lightningdit", variant: str = "B/1", batch: int | None
         kinds[kind] += seconds / steps
     groups = shares.most_common()
     dots = [{"label": label, "wall_s": seconds / steps, "count": counts[kind, label] // steps,
-             "tflops_per_s": flops[kind, label] / seconds / 1e12 if seconds else None}
+             "tflops_per_s": flops[kind, label] / seconds / 1e12 if seconds else None,
+             "busy_s": busy[kind, label] / steps,
+             "overlapped": 1 - seconds / busy[kind, label] if busy[kind, label] else 0.0,
+             "async": ran_past[kind, label] // steps}
             for (kind, label), seconds in groups if kind == "dot"][:top]
     others = [{"kind": kind, "label": label, "wall_s": seconds / steps,
-               "count": counts[kind, label] // steps}
+               "count": counts[kind, label] // steps,
+               "tflops_per_s": (flops[kind, label] / seconds / 1e12
+                                if seconds and flops[kind, label] else None)}
               for (kind, label), seconds in groups if kind != "dot"][:top_ops]
     return {"bench": "profile_step", "model": model,
             "variant": variant, "batch": built["batch"], "dtype": dtype, "steps": steps,
             "wall_s": wall, "idle_s": idle / steps,
             "attributed_s": dict(kinds.most_common()), "dots": dots, "ops": others,
-            "dot_flops": sum(flops.values()) / steps, **common.device_info()}
+            "peak_tflops": peak, "peak_source": peak_source,
+            "dot_flops": sum(f for (kind, _), f in flops.items() if kind == "dot") / steps,
+            **common.device_info()}
 
 
 def report(r: dict) -> None:
     print(f"{r['model']} {r['variant']} batch {r['batch']} {r['dtype']} on {r['device']}: "
           f"{r['wall_s']:.3f} s per step, {r['idle_s']:.3f} s with no traced op running "
-          f"(host gaps; XLA:CPU does not trace its own convolutions)")
+          f"(host gaps)")
     for kind, seconds in r["attributed_s"].items():
         print(f"  {kind:14s} {seconds:8.3f} s  {100 * seconds / r['wall_s']:5.1f}%")
-    print("  dots (layer, operand shapes): wall share, TFLOP/s, per step")
+    print("  dots (layer, operand shapes): wall share, TFLOP/s over it, per step (and the part "
+          "of their time\n  shared with other ops, which then ran beside them)")
     for d in r["dots"]:
         rate = f"{d['tflops_per_s']:.3f}" if d["tflops_per_s"] is not None else "n/a"
-        print(f"    {d['wall_s']:8.3f} s {rate:>7s} TFLOP/s {d['count']:4d}x  {d['label']}")
+        notes = [f"{100 * d['overlapped']:.0f}% shared"] if d["overlapped"] >= 0.05 else []
+        if d["async"]:
+            notes.append(f"{d['async']} asynchronous")
+        notes = "  (" + ", ".join(notes) + ")" if notes else ""
+        print(f"    {d['wall_s']:8.3f} s {rate:>7s} TFLOP/s {d['count']:4d}x  {d['label']}{notes}")
     print("  other ops (kind, result shape, where): wall share per step")
     for o in r["ops"]:
-        print(f"    {o['wall_s']:8.3f} s {o['count']:4d}x  {o['kind']:11s} {o['label']}")
+        rate = f"  ({o['tflops_per_s']:.3f} TFLOP/s)" if o["tflops_per_s"] else ""
+        print(f"    {o['wall_s']:8.3f} s {o['count']:4d}x  {o['kind']:11s} {o['label']}{rate}")
 
 
 def main(argv=None):

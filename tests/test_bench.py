@@ -78,6 +78,10 @@ def test_profile_step_shares_the_wall_time_out(capsys):
     assert any(w.startswith("backward blocks_*/") for w in wheres)
     assert any(w.startswith("forward blocks_*/") for w in wheres)
     assert r["attributed_s"]["dot"] > 0 and r["dots"]
+    assert r["peak_tflops"] > 0
+    for d in r["dots"]:  # a share of a group's own time, and its asynchronous ops counted
+        assert d["busy_s"] >= d["wall_s"] * (1 - 1e-9) and 0 <= d["overlapped"] < 1
+        assert 0 <= d["async"] <= d["count"]
     assert {d["label"].split(" ")[0] for d in r["dots"]} >= {"qkv", "proj", "w12", "w3"}
     # the dots found in the compiled step are the model's matmuls: 3 x forward per image
     built = train_step.compiled_step("lightningdit", "tiny", 4)
@@ -103,6 +107,29 @@ def test_profile_classifies_the_module_first_computation():
     assert table["ynn_fusion"][0] == "dot" and table["ynn_fusion"][2] == 2 * 4 * 4 * 4
 
 
+def test_profile_counts_convolution_flops_as_executed():
+    """Each output element takes the kernel's window x input features, whatever the layout
+    letters say, inside a fusion or not (the dispatch test of `spans` needs them)."""
+    conv = ("convolution(%x.1, %k.1), window={size=3x3 pad=1_1x1_1}, "
+            "dim_labels=b01f_01io->b01f")
+    hlo = (
+        "%fused_conv (x.1: f32[2,8,8,4], k.1: f32[3,3,4,16]) -> f32[2,8,8,16] {\n"
+        "  %x.1 = f32[2,8,8,4]{3,2,1,0} parameter(0)\n"
+        "  %k.1 = f32[3,3,4,16]{3,2,1,0} parameter(1)\n"
+        f"  ROOT %conv.1 = f32[2,8,8,16]{{3,2,1,0}} {conv}\n}}\n\n"
+        "ENTRY %main.2 (a.2: f32[2,8,8,4], b.2: f32[16,3,3,4]) -> f32[2,8,8,16] {\n"
+        "  %a.2 = f32[2,8,8,4]{3,2,1,0} parameter(0)\n"
+        "  %b.2 = f32[16,3,3,4]{3,2,1,0} parameter(1)\n"
+        "  %conv.3 = f32[2,8,8,16]{3,2,1,0} convolution(%a.2, %b.2), window={size=3x3 "
+        "pad=1_1x1_1}, dim_labels=b01f_o01i->b01f\n"
+        "  ROOT %fusion.4 = f32[2,8,8,16]{3,2,1,0} fusion(%a.2, %b.2), kind=kOutput, "
+        "calls=%fused_conv\n}\n")
+    table = profile_step.classify_hlo(hlo)
+    flops = 2 * (2 * 8 * 8 * 16) * (3 * 3 * 4)
+    assert table["conv.3"] == ("convolution", "f32[2,8,8,16] ?", flops)
+    assert table["fusion.4"][0] == "convolution" and table["fusion.4"][2] == flops
+
+
 def test_profile_names_where_an_op_comes_from():
     def line(op_name):
         return f'  %f.1 = f32[8]{{0}} fusion(%a), kind=kLoop, metadata={{op_name="{op_name}"}}'
@@ -114,6 +141,44 @@ def test_profile_names_where_an_op_comes_from():
         == "forward blocks_*/mlp/w12/convert_element_type"
     assert where(line("jit(step)/add")) == "add"  # the optimizer, outside the model's passes
     assert where("  %f.1 = f32[8]{0} fusion(%a), kind=kLoop") == "?"
+
+
+def test_profile_extends_only_dots_that_returned_before_their_work():
+    """An asynchronous dot's event ends at dispatch: its span runs to its completion mark or
+    its first reader's start, whichever is first; other events keep theirs, however late
+    their marks (a thread logs a mark after whatever it ran next)."""
+    def ev(name, ts, dur=0.0):
+        return {"name": name, "ts": ts, "dur": dur}
+
+    raw = [ev("dot.1", 0, 2), ev("fusion.2", 10, 5), ev("end: fusion.2", 15),
+           ev("fusion.3", 50, 4), ev("end: dot.1", 60), ev("end: fusion.3", 70),
+           ev("dot.4", 100, 1), ev("end: dot.4", 130), ev("copy.5", 200, 3),
+           ev("end: copy.5", 400), ev("dot.6", 500, 1)]
+    reader_map = {"dot.1": {"fusion.3"}, "dot.4": {"fusion.9"}, "copy.5": {"fusion.3"}}
+    dispatch_only = lambda e: e["name"].startswith("dot.")
+    got = {name: (round(start * 1e6, 6), round(end * 1e6, 6), extended)
+           for start, end, name, extended in profile_step.spans(raw, reader_map, dispatch_only)}
+    assert got == {"dot.1": (0, 50, True),  # its reader started before its mark
+                   "fusion.2": (10, 15, False), "fusion.3": (50, 54, False),
+                   "dot.4": (100, 130, True),  # no reader ran: its mark
+                   "copy.5": (200, 203, False),  # not a dispatch: the late mark is ignored
+                   "dot.6": (500, 501, True)}  # neither: the event itself
+
+
+def test_profile_readers_look_through_bitcasts_and_tuples():
+    hlo = (
+        "ENTRY %main.1 (a.1: f32[4,4]) -> f32[4,4] {\n"
+        "  %a.1 = f32[4,4]{1,0} parameter(0)\n"
+        "  %dot.2 = f32[4,4]{1,0} dot(%a.1, %a.1), lhs_contracting_dims={1}, "
+        "rhs_contracting_dims={0}\n"
+        "  %bitcast.3 = f32[16]{0} bitcast(%dot.2)\n"
+        "  %tuple.4 = (f32[16]{0}) tuple(%bitcast.3)\n"
+        "  %get-tuple-element.5 = f32[16]{0} get-tuple-element(%tuple.4), index=0\n"
+        "  %fusion.6 = f32[16]{0} fusion(%get-tuple-element.5), kind=kLoop, calls=%f\n"
+        "  ROOT %add.7 = f32[4,4]{1,0} add(%dot.2, %a.1)\n}\n")
+    reader_map = profile_step.readers(hlo)
+    assert reader_map["dot.2"] == {"fusion.6", "add.7"}
+    assert reader_map["a.1"] == {"dot.2", "add.7"} and reader_map["add.7"] == set()
 
 
 def test_profile_attribution_shares_overlaps():
