@@ -2,13 +2,16 @@
 
     python -m bench.profile_step --model lightningdit --variant B/1 --batch 8
     python -m bench.profile_step --model vavae --variant f16d32 --steps 1 --top 20
+    python -m bench.profile_step --what guided --variant B/1 --batch 8 --steps 3
 
-Compiles `bench.train_step`'s step (the loop's jitted step on one device), runs it
-`--warmup` times (at least once) untraced, then `--steps` times under `jax.profiler`, and
-reads back the trace. XLA:CPU names each event after the HLO instruction it runs (a fusion,
-a dot, a copy), so each event is classified by what that instruction computes in the
-compiled HLO: `dot` (per layer name and operand shapes, with its FLOP rate), `convolution`,
-`transpose` (layout changes), `reduce`, `elementwise`, `copy`, `other`.
+Compiles `bench.train_step`'s step (the loop's jitted step on one device), or with `--what
+guided` `bench.sample`'s guided LightningDiT call (batch / 2 conditional + batch / 2
+unconditional rows, as upstream's inference), runs it `--warmup` times (at least once)
+untraced, then `--steps` times under `jax.profiler`, and reads back the trace. XLA:CPU names
+each event after the HLO instruction it runs (a fusion, a dot, a copy), so each event is
+classified by what that instruction computes in the compiled HLO: `dot` (per layer name and
+operand shapes, with its FLOP rate), `convolution`, `transpose` (layout changes), `reduce`,
+`elementwise`, `copy`, `other`.
 
 XLA runs independent ops side by side, so summed op durations overstate the step. Here every
 stretch of the timeline is shared out equally among the ops running in it, and the shares
@@ -25,8 +28,8 @@ running. A dot or convolution event too short for its FLOPs at 1.5x the matmul p
 mark ("end: NAME") or the first start of an op that reads its result, whichever comes
 first: an upper bound, shared with whatever else ran then.
 
-Prints a table and, as its last line, one JSON object: `wall_s` per step, `idle_s`,
-`attributed_s` per kind, `dots` (the top `--top` layer / shape groups: `wall_s`,
+Prints a table and, as its last line, one JSON object: `what`, `wall_s` per step (or call),
+`idle_s`, `attributed_s` per kind, `dots` (the top `--top` layer / shape groups: `wall_s`,
 `tflops_per_s` over that share, `count`, `busy_s` the summed spans of its ops, `overlapped`
 = 1 - wall_s / busy_s, the part of them shared with other ops, and `async`, how many of its
 ops per step were taken to run past their events), `ops` (the top `--top_ops` groups of the
@@ -53,6 +56,7 @@ import tempfile
 import jax
 
 from bench import common
+from bench.sample import guided_call
 from bench.train_step import compiled_step
 
 # First match wins: a fusion holding a dot is a dot, even with elementwise work around it.
@@ -253,26 +257,47 @@ def trace_events(trace_dir: str) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and "dur" in e]
 
 
+def _compiled_call(what: str, model: str, variant: str, batch: int | None, dtype: str):
+    """(compiled, run_once, batch): the jitted program to profile and a function that calls
+    it once and waits for it. `what`: "train" for the loop's training step, "guided" for one
+    guided LightningDiT velocity call (`bench.sample`: batch / 2 conditional and batch / 2
+    unconditional rows at t = 0.5)."""
+    if what == "train":
+        built = compiled_step(model, variant, batch, dtype)
+        compiled, data, rng, frozen = (built[k] for k in ("compiled", "data", "rng", "frozen"))
+        state = [built.pop("state")]  # donated each step: keep the newest
+
+        def run_once():
+            state[0], metrics = compiled(state[0], data, rng, frozen)
+            jax.block_until_ready(metrics)
+
+        return compiled, run_once, built["batch"]
+    if what != "guided":
+        raise SystemExit(f"--what {what!r}: train or guided")
+    if model != "lightningdit":
+        raise SystemExit("--what guided: a LightningDiT call (--model lightningdit)")
+    batch = 8 if batch is None else batch
+    built = guided_call(variant, batch, dtype)
+    call, inputs = built["call"], [built[k] for k in ("params", "noise", "labels", "t")]
+    return call, lambda: jax.block_until_ready(call(*inputs)), batch
+
+
 def profile(model: str = "lightningdit", variant: str = "B/1", batch: int | None = None,
             dtype: str = "float32", steps: int = 1, warmup: int = 1, top: int = 15,
-            trace_dir: str | None = None, top_ops: int = 15) -> dict:
-    built = compiled_step(model, variant, batch, dtype)
-    compiled, data, rng, frozen = (built[k] for k in ("compiled", "data", "rng", "frozen"))
+            trace_dir: str | None = None, top_ops: int = 15, what: str = "train") -> dict:
+    compiled, run_once, batch = _compiled_call(what, model, variant, batch, dtype)
     table = classify_hlo(compiled.as_text())
     reader_map = readers(compiled.as_text())
-    state = built.pop("state")
     for _ in range(max(warmup, 1)):  # untraced: first-call costs
-        state, metrics = compiled(state, data, rng, frozen)
-        jax.block_until_ready(metrics)
+        run_once()
     with tempfile.TemporaryDirectory() as tmp:
         trace_dir = trace_dir or tmp
         jax.profiler.start_trace(trace_dir)
         for _ in range(steps):
-            state, metrics = compiled(state, data, rng, frozen)
-            jax.block_until_ready(metrics)
+            run_once()
         jax.profiler.stop_trace()
         raw = trace_events(trace_dir)
-    del state
+    del run_once
 
     ops = []  # (start s, end s, (kind, label))
     # per group, over all steps: FLOPs, ops, their summed spans, and the ops that ran past
@@ -315,8 +340,8 @@ def profile(model: str = "lightningdit", variant: str = "B/1", batch: int | None
                "tflops_per_s": (flops[kind, label] / seconds / 1e12
                                 if seconds and flops[kind, label] else None)}
               for (kind, label), seconds in groups if kind != "dot"][:top_ops]
-    return {"bench": "profile_step", "model": model,
-            "variant": variant, "batch": built["batch"], "dtype": dtype, "steps": steps,
+    return {"bench": "profile_step", "model": model, "what": what,
+            "variant": variant, "batch": batch, "dtype": dtype, "steps": steps,
             "wall_s": wall, "idle_s": idle / steps,
             "attributed_s": dict(kinds.most_common()), "dots": dots, "ops": others,
             "peak_tflops": peak, "peak_source": peak_source,
@@ -325,12 +350,14 @@ def profile(model: str = "lightningdit", variant: str = "B/1", batch: int | None
 
 
 def report(r: dict) -> None:
+    unit = "step" if r["what"] == "train" else "call"
     print(f"{r['model']} {r['variant']} batch {r['batch']} {r['dtype']} on {r['device']}: "
-          f"{r['wall_s']:.3f} s per step, {r['idle_s']:.3f} s with no traced op running "
+          f"{r['wall_s']:.3f} s per {'guided ' * (unit == 'call')}{unit}, {r['idle_s']:.3f} s "
+          f"with no traced op running "
           f"(host gaps)")
     for kind, seconds in r["attributed_s"].items():
         print(f"  {kind:14s} {seconds:8.3f} s  {100 * seconds / r['wall_s']:5.1f}%")
-    print("  dots (layer, operand shapes): wall share, TFLOP/s over it, per step (and the part "
+    print(f"  dots (layer, operand shapes): wall share, TFLOP/s over it, per {unit} (and the part "
           "of their time\n  shared with other ops, which then ran beside them)")
     for d in r["dots"]:
         rate = f"{d['tflops_per_s']:.3f}" if d["tflops_per_s"] is not None else "n/a"
@@ -339,7 +366,7 @@ def report(r: dict) -> None:
             notes.append(f"{d['async']} asynchronous")
         notes = "  (" + ", ".join(notes) + ")" if notes else ""
         print(f"    {d['wall_s']:8.3f} s {rate:>7s} TFLOP/s {d['count']:4d}x  {d['label']}{notes}")
-    print("  other ops (kind, result shape, where): wall share per step")
+    print(f"  other ops (kind, result shape, where): wall share per {unit}")
     for o in r["ops"]:
         rate = f"  ({o['tflops_per_s']:.3f} TFLOP/s)" if o["tflops_per_s"] else ""
         print(f"    {o['wall_s']:8.3f} s {o['count']:4d}x  {o['kind']:11s} {o['label']}{rate}")
@@ -350,7 +377,11 @@ def main(argv=None):
     parser.add_argument("--model", default="lightningdit", choices=["lightningdit", "vavae"])
     parser.add_argument("--variant", default=None, help="as bench.train_step (default B/1 / "
                         "f16d32)")
-    parser.add_argument("--batch", type=int, default=None, help="as bench.train_step")
+    parser.add_argument("--batch", type=int, default=None, help="as bench.train_step (and 8 "
+                        "for --what guided)")
+    parser.add_argument("--what", default="train", choices=["train", "guided"],
+                        help="the training step, or one guided LightningDiT call as "
+                        "bench.sample times it")
     parser.add_argument("--top", type=int, default=15, help="dot groups listed")
     parser.add_argument("--top_ops", type=int, default=15, help="groups of other ops listed")
     parser.add_argument("--trace_dir", default=None,
@@ -360,7 +391,7 @@ def main(argv=None):
     common.start(args)
     variant = args.variant or ("B/1" if args.model == "lightningdit" else "f16d32")
     r = profile(args.model, variant, args.batch, args.dtype, args.steps, args.warmup, args.top,
-                args.trace_dir, args.top_ops)
+                args.trace_dir, args.top_ops, args.what)
     report(r)
     common.emit(r)
 

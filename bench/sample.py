@@ -44,14 +44,14 @@ def sampling_options(num_steps: int) -> dict:
     return options
 
 
-def run(variant: str = "B/1", batch: int = 8, dtype: str = "float32", steps: int = 5,
-        warmup: int = 2, num_steps: int = 250, attention: str = "") -> dict:
+def guided_call(variant: str = "B/1", batch: int = 8, dtype: str = "float32",
+                attention: str = "", num_steps: int = 250) -> dict:
+    """One guided velocity call at t = 0.5, compiled, with its inputs: a dict of config, model,
+    params, noise, labels, t, options, guidance, call (compiled: call(params, noise, labels,
+    t)), compile_s and flops_per_call."""
     if batch < 2 or batch % 2:
         raise SystemExit(f"--batch {batch}: must be even and at least 2 (conditional + "
                          f"unconditional halves)")
-    if num_steps == 1 or num_steps < 0:
-        raise SystemExit(f"--num_steps {num_steps}: at least 2 grid points (0 skips the whole "
-                         f"sample)")
     config = dit_config(variant, dtype)
     config.model.attention_impl = common.check_attention(attention)
     model = build.dit_model(config)
@@ -65,15 +65,31 @@ def run(variant: str = "B/1", batch: int = 8, dtype: str = "float32", steps: int
     options = sampling_options(num_steps)
     guidance = {k: options[k] for k in ("cfg_scale", "cfg_interval_start", "cfg_channels")}
 
-    # -- one guided call at t = 0.5 ---------------------------------------------------------
-    def guided_call(params, x, labels, t):
+    def call(params, x, labels, t):
         return guided_velocity_fn(model, params, labels, **guidance)(x, t)
 
     t = jnp.full((n,), 0.5, jnp.float32)
-    call, call_compile_s = common.compile_timed(jax.jit(guided_call), params, noise, labels, t)
+    compiled, compile_s = common.compile_timed(jax.jit(call), params, noise, labels, t)
+    return {"config": config, "model": model, "params": params, "noise": noise,
+            "labels": labels, "t": t, "options": options, "guidance": guidance,
+            "call": compiled, "compile_s": compile_s,
+            "flops_per_call": batch * lightningdit_forward_flops(build.dit_kwargs(config))}
+
+
+def run(variant: str = "B/1", batch: int = 8, dtype: str = "float32", steps: int = 5,
+        warmup: int = 2, num_steps: int = 250, attention: str = "") -> dict:
+    if num_steps == 1 or num_steps < 0:
+        raise SystemExit(f"--num_steps {num_steps}: at least 2 grid points (0 skips the whole "
+                         f"sample)")
+    built = guided_call(variant, batch, dtype, attention, num_steps)
+    config, model, params, noise, labels, t, options, guidance, call = (built[k] for k in (
+        "config", "model", "params", "noise", "labels", "t", "options", "guidance", "call"))
+    n = batch // 2
+
+    # -- one guided call at t = 0.5 ---------------------------------------------------------
     timing = common.time_calls(lambda: call(params, noise, labels, t), steps=steps,
                                warmup=warmup)
-    flops_per_call = batch * lightningdit_forward_flops(build.dit_kwargs(config))
+    flops_per_call = built["flops_per_call"]
     result = {
         "bench": "sample", "variant": config.model.variant, "batch": batch, "dtype": dtype,
         "attention": attention or "default",
@@ -81,7 +97,7 @@ def run(variant: str = "B/1", batch: int = 8, dtype: str = "float32", steps: int
         "calls_per_s": 1.0 / timing["median_s"], "call_s": timing["median_s"],
         "call_min_s": timing["min_s"], "call_max_s": timing["max_s"],
         "call_tflops_per_s": flops_per_call / timing["median_s"] / 1e12,
-        "flops_per_call": flops_per_call, "compile_s": call_compile_s,
+        "flops_per_call": flops_per_call, "compile_s": built["compile_s"],
     }
 
     # -- a whole sample: num_steps - 1 Euler calls of the guided velocity ---------------------

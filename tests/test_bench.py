@@ -90,6 +90,20 @@ def test_profile_step_shares_the_wall_time_out(capsys):
     assert r["dot_flops"] == pytest.approx(4 * explicit, rel=0.1)
 
 
+def test_profile_guided_call_shares_its_wall_time_out(capsys):
+    profile_step.main(["--what", "guided", "--variant", "tiny", "--batch", "4", "--steps", "2",
+                       "--top", "50", "--top_ops", "100000"])
+    r = last_json(capsys)
+    assert r["what"] == "guided" and r["batch"] == 4 and r["wall_s"] > 0
+    assert sum(r["attributed_s"].values()) + r["idle_s"] == pytest.approx(r["wall_s"], rel=1e-6)
+    assert {d["label"].split(" ")[0] for d in r["dots"]} >= {"qkv", "proj", "w12", "w3"}
+    # the executed branch at t = 0.5 (inside the guidance interval) runs all 4 rows forward
+    built = sample.guided_call("tiny", 4)
+    assert r["dot_flops"] == pytest.approx(built["flops_per_call"], rel=0.1)
+    with pytest.raises(SystemExit, match="--what guided: a LightningDiT call"):
+        profile_step.main(["--what", "guided", "--model", "vavae"])
+
+
 def test_profile_classifies_the_module_first_computation():
     """The module header line ends in "}", not "{": it must not swallow the first computation
     (a dot fusion here), which was then counted as elementwise."""
