@@ -350,10 +350,9 @@ def profile(model: str = "lightningdit", variant: str = "B/1", batch: int | None
 
 
 def report(r: dict) -> None:
-    unit = "step" if r["what"] == "train" else "call"
+    unit, program = ("step", "step") if r["what"] == "train" else ("call", "guided call")
     print(f"{r['model']} {r['variant']} batch {r['batch']} {r['dtype']} on {r['device']}: "
-          f"{r['wall_s']:.3f} s per {'guided ' * (unit == 'call')}{unit}, {r['idle_s']:.3f} s "
-          f"with no traced op running "
+          f"{r['wall_s']:.3f} s per {program}, {r['idle_s']:.3f} s with no traced op running "
           f"(host gaps)")
     for kind, seconds in r["attributed_s"].items():
         print(f"  {kind:14s} {seconds:8.3f} s  {100 * seconds / r['wall_s']:5.1f}%")
