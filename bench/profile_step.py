@@ -69,6 +69,8 @@ DISPATCH_ONLY_RATE = 1.5
 # a computation's header is "name (params) -> type {"; the module's first line is not
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*?\{\n(.*?)\n\}", re.S | re.M)
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])\S* ([\w\-]+)\((.*)$")
+# ops that run no thunk of their own: a reader through them reads the op behind them
+PASS_THROUGH = ("bitcast", "get-tuple-element", "tuple")
 # any result shape, tuples too: name, op, operands and attributes
 _ANY_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\((.*)$")
 
@@ -159,13 +161,10 @@ def classify_hlo(hlo_text: str) -> dict:
                 table[name] = (op, label, _conv_flops(line, shapes))
             elif op in ("copy", "transpose"):
                 table[name] = (op, label, 0.0)
-            elif op not in ("parameter", "constant", "bitcast", "get-tuple-element", "tuple"):
+            elif op not in ("parameter", "constant", *PASS_THROUGH):
                 table[name] = ("other", label, 0.0)
     return table
 
-
-# ops that run no thunk of their own: a reader through them reads the op behind them
-PASS_THROUGH = ("bitcast", "get-tuple-element", "tuple")
 
 
 def readers(hlo_text: str) -> dict[str, set[str]]:
@@ -286,8 +285,8 @@ def profile(model: str = "lightningdit", variant: str = "B/1", batch: int | None
             dtype: str = "float32", steps: int = 1, warmup: int = 1, top: int = 15,
             trace_dir: str | None = None, top_ops: int = 15, what: str = "train") -> dict:
     compiled, run_once, batch = _compiled_call(what, model, variant, batch, dtype)
-    table = classify_hlo(compiled.as_text())
-    reader_map = readers(compiled.as_text())
+    hlo_text = compiled.as_text()
+    table, reader_map = classify_hlo(hlo_text), readers(hlo_text)
     for _ in range(max(warmup, 1)):  # untraced: first-call costs
         run_once()
     with tempfile.TemporaryDirectory() as tmp:

@@ -76,13 +76,13 @@ def assert_close(got, want, *, atol: float = 1e-4, rtol: float = 1e-4, name: str
     return err
 
 
-def run_module(*args: str, timeout: int = 300, with_stderr: bool = False):
-    """Run ``python -m <args>`` from the repository root (2 simulated devices); return stdout,
-    or (stdout, stderr) `with_stderr`."""
+def run_module(*args: str, timeout: int = 300, with_stderr: bool = False, returncode: int = 0):
+    """Run ``python -m <args>`` from the repository root (2 simulated devices), expecting exit
+    status `returncode`; return stdout, or (stdout, stderr) `with_stderr`."""
     env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stderr[-3000:]
     return (proc.stdout, proc.stderr) if with_stderr else proc.stdout
 
 

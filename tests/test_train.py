@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import types
 
@@ -14,7 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import REPO, run_module, xla_flags
+from helpers import run_module
 
 from configs.lightningdit import get_config as dit_config
 from launch.data.latents import save_latent_stats, write_latent_shard
@@ -254,13 +253,10 @@ def test_unreadable_checkpoints_end_in_their_warnings_and_one_error_line(latents
     garble_state(run, 6, "params")
 
     def failed_run(*args):
-        proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
-                              env=dict(os.environ, XLA_FLAGS=xla_flags(2)), text=True,
-                              timeout=300)
-        assert proc.returncode == 1, proc.stderr[-3000:]
+        _, stderr = run_module(*args, with_stderr=True, returncode=1)
         for noise in ("Traceback", "Event loop is closed", "Task exception was never"):
-            assert noise not in proc.stderr, proc.stderr[-3000:]
-        return proc.stderr.strip().splitlines()
+            assert noise not in stderr, stderr[-3000:]
+        return stderr.strip().splitlines()
 
     config_args = ("--config", "configs/lightningdit.py:tiny", f"--config.data.path={latents}")
     lines = failed_run("launch.train", *config_args, "--workdir", str(run),
