@@ -11,10 +11,13 @@ import inspect
 import logging
 import os
 import sys
+import warnings
 
 import orbax.checkpoint as ocp
 
 ORBAX_DIR = os.path.dirname(ocp.__file__)  # where orbax's coroutines are defined
+# what asyncio logs of a task left with an error, or destroyed before it ran
+ABANDONED_TASKS = ("Task exception was never retrieved", "Task was destroyed but it is pending")
 
 
 class AbandonedReads:
@@ -26,8 +29,11 @@ class AbandonedReads:
     raised where nothing can catch them: `sys.unraisablehook`), and asyncio logs each of
     orbax's tasks left with an error ("Task exception was never retrieved"). For the tiny
     LightningDiT that was 290 lines of tracebacks after the one warning that names the
-    checkpoint, and more after the error line when no checkpoint could be read. They say
-    nothing the restore's own error did not.
+    checkpoint, and more after the error line when no checkpoint could be read. A read
+    orbax had scheduled but not started when its loop closed is destroyed pending (asyncio
+    logs "Task was destroyed but it is pending!") and its coroutine warns ("coroutine ... was
+    never awaited"), whenever it is collected: that can be long after the restore, in
+    whatever code runs then. None of it says anything the restore's own error did not.
 
     Hooked in before a process's first restore (`install`) and left there: the reads end
     while the run goes on, or while it exits with its error, and the first can end before
@@ -46,11 +52,18 @@ class AbandonedReads:
             instance._previous_hook = sys.unraisablehook
             sys.unraisablehook = instance._unraisable
         logging.getLogger("asyncio").addFilter(instance._keep_record)  # once: it checks
+        # CPython hands each never-awaited coroutine to this function of `warnings` as it is
+        # collected (a private name, looked up on every call; left alone where it is missing)
+        unawaited = getattr(warnings, "_warn_unawaited_coroutine", None)
+        if unawaited is not None and unawaited != instance._unawaited:
+            instance._previous_unawaited = unawaited
+            warnings._warn_unawaited_coroutine = instance._unawaited
         return instance
 
     def __init__(self):
         self.dropped = 0
         self._previous_hook = sys.unraisablehook
+        self._previous_unawaited = getattr(warnings, "_warn_unawaited_coroutine", None)
 
     def _unraisable(self, unraisable) -> None:
         error, source = unraisable.exc_value, unraisable.object
@@ -61,9 +74,15 @@ class AbandonedReads:
         else:
             self._previous_hook(unraisable)
 
+    def _unawaited(self, coroutine) -> None:
+        if ORBAX_DIR in coroutine.cr_code.co_filename:
+            self.dropped += 1
+        else:  # the warning then names this line, not the arbitrary one the collection ran at
+            self._previous_unawaited(coroutine)
+
     def _keep_record(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if message.startswith("Task exception was never retrieved") and ORBAX_DIR in message:
+        if message.startswith(ABANDONED_TASKS) and ORBAX_DIR in message:
             self.dropped += 1
             return False
         return True

@@ -2,12 +2,14 @@
 exact resume, SIGTERM then resume, SIGKILL anywhere then resume, corrupt-checkpoint fallback,
 restore on a smaller mesh, the NaN guard; and `python -m launch.train` for both tiny configs."""
 
+import asyncio
 import json
 import os
 import shutil
 import signal
 import sys
 import types
+import warnings
 
 import jax
 import numpy as np
@@ -254,7 +256,8 @@ def test_unreadable_checkpoints_end_in_their_warnings_and_one_error_line(latents
 
     def failed_run(*args):
         _, stderr = run_module(*args, with_stderr=True, returncode=1)
-        for noise in ("Traceback", "Event loop is closed", "Task exception was never"):
+        for noise in ("Traceback", "Event loop is closed", "Task exception was never",
+                      "Task was destroyed", "was never awaited"):
             assert noise not in stderr, stderr[-3000:]
         return stderr.strip().splitlines()
 
@@ -278,6 +281,7 @@ def test_abandoned_reads_drop_only_orbax_noise(monkeypatch):
     monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
     monkeypatch.setattr(AbandonedReads, "_installed", None)
     monkeypatch.setattr(asyncio_log, "filters", [])  # an earlier test's instance filters too
+    monkeypatch.setattr(warnings, "_warn_unawaited_coroutine", warnings._warn_unawaited_coroutine)
     quiet = AbandonedReads.install()
     assert AbandonedReads.install() is quiet and sys.unraisablehook == quiet._unraisable
 
@@ -316,6 +320,26 @@ def test_abandoned_reads_drop_only_orbax_noise(monkeypatch):
         asyncio_log.removeHandler(handler)
     assert quiet.dropped == 3
     assert [r.getMessage().endswith("train.py:1>") for r in records] == [True]
+
+    # a read scheduled on a loop that closed before it started: its task is destroyed
+    # pending, its coroutine never awaited (both as the task is collected, here at `del`)
+    records.clear()
+    asyncio_log.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for defined_at in (os.path.join(orbax_reads.ORBAX_DIR, "serialization.py"),
+                               "train.py"):
+                loop = asyncio.new_event_loop()
+                task = loop.create_task(coroutine_from(defined_at))
+                loop.close()
+                del task
+    finally:
+        asyncio_log.removeHandler(handler)
+    assert quiet.dropped == 5
+    assert [str(w.message) for w in caught] == ["coroutine 'read' was never awaited"]
+    assert [r.getMessage().startswith("Task was destroyed") for r in records] == [True]
+    assert records[0].getMessage().endswith("train.py:1>>")
 
 
 def test_restore_on_a_smaller_mesh(latents, uninterrupted, tmp_path):
