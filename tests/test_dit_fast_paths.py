@@ -117,6 +117,25 @@ def _transposed_shapes(fn, *args) -> list:
             if "stablehlo.transpose" in line]
 
 
+@pytest.mark.parametrize("swap", [False, True])
+def test_pinned_transposes_read_their_input_buffer_directly(swap):
+    """The compiled transpose of `_transpose` / `_swap` reads its operand's buffer as it is:
+    a bitcast between them (the inner barrier on a flattened array did that) takes XLA:CPU
+    off its fast transpose loop."""
+    a = jnp.ones((2, 40, 24) if swap else (40, 24))
+    text = jax.jit(ops._swap if swap else ops._transpose).lower(a).compile().as_text()
+    names, operands = {}, []
+    for line in text.splitlines():
+        if " = " in line:
+            name, rest = line.strip().removeprefix("ROOT ").split(" = ", 1)
+            names[name] = rest
+            if " transpose(" in rest:
+                operands.append(rest.split(" transpose(", 1)[1].split(")", 1)[0])
+    assert operands, text
+    for operand in operands:
+        assert " parameter(" in names[operand.split()[-1]], (operand, text)
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_float32_kernels_take_transposed_operands(native, monkeypatch):
     """dx = g . w^T is one dot with no transpose of the weight in every kernel (YNNPACK packs
