@@ -136,6 +136,30 @@ def test_pinned_transposes_read_their_input_buffer_directly(swap):
         assert " parameter(" in names[operand.split()[-1]], (operand, text)
 
 
+def test_unfused_transpose_is_a_loop_of_its_own():
+    """`_unfused`: fn(a) whatever a's first element (the conditional's predicate), and in
+    the compiled program no fused loop holds both the transpose and the elementwise ops that
+    produce or read it."""
+    a = jnp.arange(12.0).reshape(3, 4) - 1.0
+    for first in (1.0, -1.0, jnp.nan):
+        b = a.at[0, 0].set(first)
+        np.testing.assert_array_equal(ops._unfused(jnp.transpose, b), b.T)
+    program = jax.jit(lambda h: ops._unfused(jnp.transpose, h * 2) + 1).lower(a).compile()
+    loops, current = [], None
+    for line in program.as_text().splitlines():
+        if line.startswith("%fused_computation"):
+            current = []
+            loops.append(current)
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            current.append(line)
+    with_transpose = [loop for loop in loops if any(" transpose(" in op for op in loop)]
+    assert with_transpose, program.as_text()
+    for loop in with_transpose:
+        assert not any(f" {op}(" in line for line in loop for op in ("multiply", "add")), loop
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_float32_kernels_take_transposed_operands(native, monkeypatch):
     """dx = g . w^T is one dot with no transpose of the weight in every kernel (YNNPACK packs
@@ -157,7 +181,9 @@ def test_float32_kernels_take_transposed_operands(native, monkeypatch):
     narrow = kernel[:, :4]
     assert _transposed_shapes(dense_fwd_bwd, x.astype(jnp.float32), narrow) == []
     shapes = _transposed_shapes(dense_fwd_bwd, x, narrow)
-    assert shapes == (["tensor<4x40xbf16>", "tensor<24x4xbf16>"] if native else []), shapes
+    # (the result's transpose twice: both branches of `_unfused`'s conditional)
+    expected = ["tensor<4x40xbf16>", "tensor<24x4xbf16>", "tensor<24x4xbf16>"]
+    assert shapes == (expected if native else []), shapes
 
     q, k, v = (jax.random.normal(jax.random.key(i), (3, 10, 4)) for i in range(3))
 
