@@ -166,7 +166,6 @@ def classify_hlo(hlo_text: str) -> dict:
     return table
 
 
-
 def readers(hlo_text: str) -> dict[str, set[str]]:
     """Instruction name -> the instructions that read its result, looking through
     `PASS_THROUGH` ops (names are unique across an HLO module)."""

@@ -196,28 +196,30 @@ def _as_matrices(x, kernel, in_ndim):
     return x.reshape(-1, k), kernel.reshape(k, -1)
 
 
-def _transpose(a: jax.Array) -> jax.Array:
-    """a (R, C) -> (C, R) between two barriers, so XLA keeps the operand chosen here (without
-    the inner one it folds the transpose of a matmul's result into the matmul). The inner
-    barrier keeps a's own shape: on the flattened array it left bitcasts between a's buffer
-    and the transpose, which took XLA:CPU off its fast transpose loop (a (2048, 768) float32
-    buffer: 5.6 against 0.9 ms)."""
-    return _materialise(jax.lax.optimization_barrier(a).T)
+def _transpose(a: jax.Array, axes: tuple | None = None) -> jax.Array:
+    """``a.transpose(axes)`` (default: all axes reversed, (R, C) -> (C, R)) between two
+    barriers, so XLA keeps the operand chosen here (without the inner one it folds the
+    transpose of a matmul's result into the matmul). The inner barrier keeps a's own shape:
+    on the flattened array it left bitcasts between a's buffer and the transpose, which took
+    XLA:CPU off its fast transpose loop (a (2048, 768) float32 buffer: 5.6 against 0.9 ms)."""
+    return _materialise(jax.lax.optimization_barrier(a).transpose(axes))
 
 
-def _unfused(fn, a: jax.Array) -> jax.Array:
-    """fn(a) (a layout change) run as a loop of its own, its result a row-major array.
+def _unfused_transpose(a: jax.Array) -> jax.Array:
+    """a (R, C) -> (C, R) run as a loop of its own, its result a row-major array.
 
     XLA:CPU fuses a transpose with the elementwise ops producing or reading it into one
     loop, which then reads or writes across rows: 2048 x 2048 float32, (2 h)^T took 16-19 ms
     against 0.8 ms for 2 h and 2.4 ms for the transpose alone. An optimization barrier does
     not stop it (XLA removes barriers before it fuses); a conditional does. Both branches
-    are fn, so the predicate (a's first element) only hides that from XLA. The result leaves
-    the conditional flattened, so it has one possible layout: a transposed one would move the
-    transpose into the reader again."""
-    flat = lambda v: fn(v).reshape(-1)  # noqa: E731
-    shape = jax.eval_shape(fn, a).shape
-    return jax.lax.cond(a.reshape(-1)[0] > 0, flat, flat, a).reshape(shape)
+    are the same transpose, so the predicate (a's first element) only hides that from XLA.
+    The result leaves the conditional flattened, so it has one possible layout: a transposed
+    one would move the transpose into the reader again."""
+    def flat_transpose(v):
+        return v.T.reshape(-1)
+
+    out = jax.lax.cond(a.reshape(-1)[0] > 0, flat_transpose, flat_transpose, a)
+    return out.reshape(a.shape[::-1])
 
 
 def _matmul_nt(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -243,7 +245,7 @@ def _matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
     on a Zen 5 takes 0.976x the time (median of 13 rounds alternating in one process; 0.965x
     in 3 pairs of separate processes), while transposing a first made it 1.07x slower. The
     16-bit kernels take only the row-major form (`_dot`), so there b and the result are
-    transposed, the result in a loop of its own (`_unfused`): fused into the AdamW updates
+    transposed, the result in a loop of its own (`_unfused_transpose`): fused into the AdamW updates
     and the gradient norm that read it, the transposed reads took 0.17 s of a 2.45 s bf16
     B/1 step on an Intel Xeon with AMX, and the step now takes 0.947x the time."""
     m, k = a.shape
@@ -252,7 +254,7 @@ def _matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
         return _dot(_transpose(a), b, ((1,), (0,)))
     if not _row_major_kernels(a.dtype):
         return _dot(a, b, ((0,), (0,)))
-    return _unfused(jnp.transpose, _dot(_transpose(b), a, ((1,), (0,))))
+    return _unfused_transpose(_dot(_transpose(b), a, ((1,), (0,))))
 
 
 dense_matmul.defvjp(_dense_forward, _dense_backward)
@@ -280,7 +282,7 @@ def _swap(a: jax.Array) -> jax.Array:
     """(N, A, B) -> (N, B, A) as a row-major copy for the 16-bit kernels (see `_dot`); on one
     CPU device its input is pinned too (see `_transpose`)."""
     if one_cpu_device():
-        return _materialise(jax.lax.optimization_barrier(a).transpose(0, 2, 1))
+        return _transpose(a, (0, 2, 1))
     return _materialise(a.transpose(0, 2, 1))
 
 

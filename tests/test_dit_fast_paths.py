@@ -137,14 +137,14 @@ def test_pinned_transposes_read_their_input_buffer_directly(swap):
 
 
 def test_unfused_transpose_is_a_loop_of_its_own():
-    """`_unfused`: fn(a) whatever a's first element (the conditional's predicate), and in
+    """`_unfused_transpose`: a^T whatever a's first element (the conditional's predicate), and in
     the compiled program no fused loop holds both the transpose and the elementwise ops that
     produce or read it."""
     a = jnp.arange(12.0).reshape(3, 4) - 1.0
     for first in (1.0, -1.0, jnp.nan):
         b = a.at[0, 0].set(first)
-        np.testing.assert_array_equal(ops._unfused(jnp.transpose, b), b.T)
-    program = jax.jit(lambda h: ops._unfused(jnp.transpose, h * 2) + 1).lower(a).compile()
+        np.testing.assert_array_equal(ops._unfused_transpose(b), b.T)
+    program = jax.jit(lambda h: ops._unfused_transpose(h * 2) + 1).lower(a).compile()
     loops, current = [], None
     for line in program.as_text().splitlines():
         if line.startswith("%fused_computation"):
@@ -181,7 +181,7 @@ def test_float32_kernels_take_transposed_operands(native, monkeypatch):
     narrow = kernel[:, :4]
     assert _transposed_shapes(dense_fwd_bwd, x.astype(jnp.float32), narrow) == []
     shapes = _transposed_shapes(dense_fwd_bwd, x, narrow)
-    # (the result's transpose twice: both branches of `_unfused`'s conditional)
+    # (the result's transpose twice: both branches of `_unfused_transpose`'s conditional)
     expected = ["tensor<4x40xbf16>", "tensor<24x4xbf16>", "tensor<24x4xbf16>"]
     assert shapes == (expected if native else []), shapes
 
