@@ -136,15 +136,15 @@ def test_pinned_transposes_read_their_input_buffer_directly(swap):
         assert " parameter(" in names[operand.split()[-1]], (operand, text)
 
 
-def test_unfused_transpose_is_a_loop_of_its_own():
-    """`_unfused_transpose`: a^T whatever a's first element (the conditional's predicate), and in
-    the compiled program no fused loop holds both the transpose and the elementwise ops that
-    produce or read it."""
+def test_own_loop_transpose_is_a_loop_of_its_own():
+    """`matrix_transpose(own_loop=True)`: a^T whatever a's first element (the conditional's
+    predicate), and in the compiled program no fused loop holds both the transpose and the
+    elementwise ops that produce or read it."""
     a = jnp.arange(12.0).reshape(3, 4) - 1.0
     for first in (1.0, -1.0, jnp.nan):
         b = a.at[0, 0].set(first)
-        np.testing.assert_array_equal(ops._unfused_transpose(b), b.T)
-    program = jax.jit(lambda h: ops._unfused_transpose(h * 2) + 1).lower(a).compile()
+        np.testing.assert_array_equal(ops.matrix_transpose(b, own_loop=True), b.T)
+    program = jax.jit(lambda h: ops.matrix_transpose(h * 2, own_loop=True) + 1).lower(a).compile()
     loops, current = [], None
     for line in program.as_text().splitlines():
         if line.startswith("%fused_computation"):
@@ -158,6 +158,55 @@ def test_unfused_transpose_is_a_loop_of_its_own():
     assert with_transpose, program.as_text()
     for loop in with_transpose:
         assert not any(f" {op}(" in line for line in loop for op in ("multiply", "add")), loop
+
+
+def _minor_axis_transposes(compiled_text: str) -> list[list[int]]:
+    """The result shapes of the compiled transposes that move the minor axis."""
+    shapes = []
+    for line in compiled_text.splitlines():
+        if " transpose(" not in line:
+            continue
+        result = line.split(" = ", 1)[1].split("{", 1)[0]  # e.g. f32[3,768,128]
+        dims = [int(d) for d in line.split("dimensions={", 1)[1].split("}", 1)[0].split(",")]
+        if dims[-1] != len(dims) - 1:
+            shapes.append([int(d) for d in result.split("[", 1)[1].rstrip("]").split(",")])
+    return shapes
+
+
+@pytest.mark.parametrize("own_loop", [False, True])
+def test_matrix_transpose_leaves_power_of_two_minor_dimensions(own_loop):
+    """`matrix_transpose` of a (384, 768) array is a^T whatever its first element (either branch
+    of the conditional), and every transpose XLA compiles for it that moves the minor axis
+    leaves a power-of-two minor dimension (384 = 3 x 128: blocks of 128 rows), the only shape
+    XLA:CPU runs as a tiled loop; a plain transpose leaves 384."""
+    a = jax.random.normal(jax.random.key(0), (384, 768))
+    assert a.size >= ops.MIN_BLOCKED_TRANSPOSE
+    transpose = jax.jit(ops.matrix_transpose, static_argnums=1)
+    for first in (1.0, -1.0, jnp.nan):
+        b = a.at[0, 0].set(first)
+        np.testing.assert_array_equal(transpose(b, own_loop), b.T)
+    shapes = _minor_axis_transposes(transpose.lower(a, own_loop).compile().as_text())
+    assert shapes and all(s[-1] & (s[-1] - 1) == 0 for s in shapes), shapes
+    assert _minor_axis_transposes(jax.jit(ops._transpose).lower(a).compile().as_text()) == [
+        [768, 384]]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_gradients_through_blocked_transposes(dtype, monkeypatch):
+    """The dense backward's transposes in blocks (at every size here: x's 120 = 8 x 15 rows,
+    and the bf16 kernels' 12 = 4 x 3 row result) give the very gradients of the one-loop
+    transposes. Kernels: x^T is the smaller side (24 -> 64), or g^T x is (24 -> 12)."""
+    monkeypatch.setattr(ops, "cpu_has_bf16_dots", lambda: True)
+    x = jax.random.normal(jax.random.key(0), (3, 40, 24)).astype(dtype)
+    grads = {}
+    for name, minimum in (("blocked", 0), ("plain", 2**62)):
+        monkeypatch.setattr(ops, "MIN_BLOCKED_TRANSPOSE", minimum)
+        for kernel in (jax.random.normal(jax.random.key(1), (24, 64)),
+                       jax.random.normal(jax.random.key(2), (24, 12))):
+            y, vjp = jax.vjp(lambda x, k: dense_matmul(x, k, 1), x, kernel)
+            grads.setdefault(name, []).extend(vjp(jnp.cos(y)))
+    for blocked, plain in zip(grads["blocked"], grads["plain"]):
+        np.testing.assert_array_equal(blocked, plain)
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -181,7 +230,7 @@ def test_float32_kernels_take_transposed_operands(native, monkeypatch):
     narrow = kernel[:, :4]
     assert _transposed_shapes(dense_fwd_bwd, x.astype(jnp.float32), narrow) == []
     shapes = _transposed_shapes(dense_fwd_bwd, x, narrow)
-    # (the result's transpose twice: both branches of `_unfused_transpose`'s conditional)
+    # (the result's transpose twice: both branches of `matrix_transpose`'s conditional)
     expected = ["tensor<4x40xbf16>", "tensor<24x4xbf16>", "tensor<24x4xbf16>"]
     assert shapes == (expected if native else []), shapes
 
