@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from dit_jax.ops import dot_product_attention
 from vavae_jax.resample import (  # noqa: F401 (re-exported: the public names stay here)
     POS_INTERPOLATIONS,
     antialias_bicubic_matrix,
@@ -121,8 +122,10 @@ class QKVProjection(nn.Module):
         )
         bias = self.param("bias", _init(_ZEROS, (None, "heads", "kv")), shape, self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        qkv = jnp.einsum("bnd,dshk->sbnhk", x, kernel) + bias[:, None, None]
-        return qkv[0], qkv[1], qkv[2]
+        # token-major, x (B*N, D) @ kernel (D, 3*H*hd) as stored: with q / k / v leading
+        # ("sbnhk") XLA:CPU transposed the ViT-L kernel on every call (24 x 7 ms per step)
+        qkv = jnp.einsum("bnd,dshk->bnshk", x, kernel) + bias
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
 class OutProjection(nn.Module):
@@ -159,8 +162,10 @@ class Attention(nn.Module):
         q, k, v = QKVProjection(self.num_heads, head_dim, self.dtype, self.param_dtype, name="qkv")(
             x
         )
-        # Softmax runs in float32 inside dot_product_attention even for bf16 inputs.
-        out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5)
+        # LightningDiT's attention: on CPU the explicit form (softmax in float32 whatever the
+        # dtype; the scale folded into q, exact for DINOv2's 64-channel heads), elsewhere
+        # jax.nn.dot_product_attention
+        out = dot_product_attention(q, k, v)
         return OutProjection(dim, self.dtype, self.param_dtype, name="proj")(out)
 
 
