@@ -274,9 +274,10 @@ def _matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
     on a Zen 5 takes 0.976x the time (median of 13 rounds alternating in one process; 0.965x
     in 3 pairs of separate processes), while transposing a first made it 1.07x slower. The
     16-bit kernels take only the row-major form (`_dot`), so there b and the result are
-    transposed, the result in a loop of its own (`matrix_transpose`): fused into the AdamW updates
-    and the gradient norm that read it, the transposed reads took 0.17 s of a 2.45 s bf16
-    B/1 step on an Intel Xeon with AMX, and the step now takes 0.947x the time."""
+    transposed, the result in a loop of its own (`matrix_transpose(own_loop=True)`): fused
+    into the AdamW updates and the gradient norm that read it, the transposed reads took
+    0.17 s of a 2.45 s bf16 B/1 step on an Intel Xeon with AMX, and the step now takes 0.947x
+    the time. Every transpose here is a `matrix_transpose` (see there for the row counts)."""
     m, k = a.shape
     n = b.shape[1]
     if m * k <= m * n + k * n:
