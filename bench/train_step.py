@@ -31,7 +31,7 @@ from bench.flops import lightningdit_forward_flops, matmul_flops
 from configs import lightningdit as dit_configs
 from configs import vavae as vavae_configs
 from dit_jax.model import VARIANTS
-from launch import build, sharding
+from launch import build, sharding, xla_cpu
 from launch.training.adapters import make_adapter
 
 VAVAE_VARIANTS = {"f16d32": "long_stage3", "tiny": "tiny"}
@@ -139,7 +139,8 @@ def compiled_step(model: str = "lightningdit", variant: str = "B/1", batch: int 
     step = jax.jit(adapter.step,
                    in_shardings=(state_shardings, jax.tree.map(lambda x: x.sharding, data),
                                  replicated, jax.tree.map(lambda x: x.sharding, frozen)),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+                   out_shardings=(state_shardings, replicated), donate_argnums=0,
+                   compiler_options=xla_cpu.step_compiler_options(config.model.remat))
     with sharding.mesh_context(mesh):
         compiled, compile_s = common.compile_timed(step, state, data, rng, frozen)
     return dict(config=config, adapter=adapter, batch=batch, compiled=compiled,

@@ -577,6 +577,22 @@ def test_gradient_accumulation_through_the_loop(latents, uninterrupted, tmp_path
                                rtol=1e-5)
 
 
+def test_remat_through_the_loop(latents, uninterrupted, tmp_path, monkeypatch):
+    """config.model.remat: the loop compiles its step with `xla_cpu.step_compiler_options`
+    (remat's barriers kept on the CPU) and trains as without remat."""
+    from launch import xla_cpu
+
+    asked = []
+    options = xla_cpu.step_compiler_options
+    monkeypatch.setattr(xla_cpu, "step_compiler_options",
+                        lambda remat: asked.append(remat) or options(remat))
+    train(config(latents, total_steps=3, **{"model.remat": True}), str(tmp_path))
+    assert asked == [True]
+    got, want = losses(tmp_path), losses(uninterrupted[0])
+    np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [want[s] for s in (1, 2, 3)],
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_vavae_step_traces_in_bfloat16(replicas):
     """bf16 compute: the stage-wise vjps get cotangents of their outputs' dtype (with one

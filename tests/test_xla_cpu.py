@@ -69,3 +69,36 @@ def test_only_for_the_jaxlib_it_was_measured_with(monkeypatch):
     monkeypatch.delenv(xla_cpu.OPT_OUT_ENV, raising=False)
     monkeypatch.setenv("XLA_FLAGS", "")
     assert xla_cpu.why_not().startswith("jaxlib ") and "measured with 0.0.1" in xla_cpu.why_not()
+
+
+def _step_temp_bytes(remat: bool, compiler_options) -> int:
+    """Temporary bytes of a LightningDiT's value-and-gradient (4 blocks, 256 tokens, batch 8)
+    compiled with `compiler_options`."""
+    from flax import linen as nn
+
+    from dit_jax import LightningDiT
+
+    model = LightningDiT(input_size=16, patch_size=1, in_channels=4, hidden_size=64, depth=4,
+                         num_heads=4, num_classes=10, use_swiglu=True, use_rope=True,
+                         use_rmsnorm=True, remat=remat)
+    x = jax.ShapeDtypeStruct((8, 16, 16, 4), jnp.float32)
+    t, y = jax.ShapeDtypeStruct((8,), jnp.float32), jax.ShapeDtypeStruct((8,), jnp.int32)
+    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"])
+
+    def loss(p, x, t, y):
+        return jnp.mean(model.apply({"params": p}, x, t, y) ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss), compiler_options=compiler_options)
+    return step.lower(params, x, t, y).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's passes")
+def test_remat_steps_keep_remat_s_barriers():
+    """With `step_compiler_options` a rematerialising step recomputes each block's activations
+    instead of keeping them (XLA:CPU's own passes merge the recomputation back: remat then
+    saves nothing); without remat there are no options."""
+    assert xla_cpu.step_compiler_options(False) is None
+    options = xla_cpu.step_compiler_options(True)
+    assert options == xla_cpu.REMAT_COMPILER_OPTIONS
+    plain = _step_temp_bytes(False, None)
+    assert _step_temp_bytes(True, options) < 0.5 * plain

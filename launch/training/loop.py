@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from launch import agreement, sharding
+from launch import agreement, sharding, xla_cpu
 from launch.cli import UserError
 from launch.data.sources import DataError
 from launch.training.adapters import make_adapter
@@ -212,7 +212,9 @@ def train(config, workdir: str) -> dict:
                                   in_shardings=(state_shardings, batch_shardings,
                                                 replicated, frozen_shardings),
                                   out_shardings=(state_shardings, replicated),
-                                  donate_argnums=0)
+                                  donate_argnums=0,
+                                  compiler_options=xla_cpu.step_compiler_options(
+                                      config.model.get("remat", False)))
             with sharding.mesh_context(mesh):  # the models' logical axis constraints
                 state, metrics = step_fn(state, batch, step_rng, frozen)
             step += 1
