@@ -15,6 +15,14 @@ arguments + temps + outputs - aliases. Per model: the exact state by part (from 
 tree) on one device and per device under FSDP over 8 (the logical shardings on an abstract
 8-device mesh). XLA on CPU chooses its own fusion, layouts and buffer reuse (and may compute
 bfloat16 in float32): the numbers estimate what the program needs on an accelerator.
+
+So the program is the accelerators' one (`dit_jax.ops.accelerator_paths`: none of the CPU
+paths), compiled as an accelerator's XLA would treat its memory: rematerialisation's barriers
+kept (`launch.xla_cpu.REMAT_COMPILER_OPTIONS`; XLA:CPU otherwise merges the recomputation
+back into the forward) and the smaller peak of XLA:CPU's two schedulers (`SCHEDULERS`): the
+memory-optimised one kept every block's bias-gradient activations alive until the optimiser
+(XL/1, bf16 + remat: 30.2 GiB), the concurrency-optimised one gives remat its due (12.7 GiB)
+but holds more without remat (bf16: 42.5 against 33.3 GiB).
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ from jax.sharding import AbstractMesh
 
 from configs import lightningdit as dit_configs
 from configs import vavae as vavae_configs
+from dit_jax.ops import accelerator_paths
 from launch import sharding
+from launch.xla_cpu import REMAT_COMPILER_OPTIONS
 from launch.training.adapters import make_adapter
 
 GiB = float(2**30)
@@ -44,16 +54,7 @@ VARIANTS = {"float32": dict(dtype="float32", remat=False),
 # model -> (config module, variant, upstream per-device batch)
 MODELS = {"lightningdit": (dit_configs, "xl1_64ep", 32), "vavae": (vavae_configs, "long_stage3", 8)}
 FIELDS = ("argument", "output", "temp", "alias", "peak")
-
-
-def memory_minimising_scheduler() -> None:
-    """XLA:CPU schedules for concurrency by default, which keeps buffers live longer (remat
-    then saves nothing); accelerators' XLA schedules to minimise memory. Read when the backend
-    starts, so call this before the first jax computation."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "concurrency_optimized_scheduler" not in flags:
-        os.environ["XLA_FLAGS"] = (
-            flags + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+SCHEDULERS = ("CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED", "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED")
 
 
 def leaf_bytes(x) -> int:
@@ -113,20 +114,32 @@ def state_parts(boxed, fsdp: int) -> dict:
 
 
 def compile_step(adapter, state, batch, frozen) -> dict:
-    """XLA's memory analysis of the jitted, donating step; plus compile time and the process's
-    peak RSS so far (compiling XL/1 on a small machine is itself the risk)."""
+    """XLA's memory analysis of the jitted, donating step traced for an accelerator, on a CPU
+    under each of `SCHEDULERS`: the smaller peak, which scheduler gave it and every scheduler's peak;
+    plus compile time and the process's peak RSS so far (compiling XL/1 on a small machine is
+    itself the risk)."""
     rng = jax.eval_shape(jax.random.key, 0)
     start = time.perf_counter()
-    compiled = (jax.jit(adapter.step, donate_argnums=0)
-                .lower(state, batch, rng, frozen).compile())
-    seconds = time.perf_counter() - start
-    stats = compiled.memory_analysis()
-    out = {f: int(getattr(stats, f"{f}_size_in_bytes")) for f in FIELDS[:-1]}
-    out["peak"] = out["argument"] + out["temp"] + out["output"] - out["alias"]
-    out["xla_peak"] = int(getattr(stats, "peak_memory_in_bytes", 0))
-    out["compile_s"] = seconds
+    with accelerator_paths():
+        lowered = jax.jit(adapter.step, donate_argnums=0).lower(state, batch, rng, frozen)
+    on_cpu = jax.default_backend() == "cpu"
+    schedulers = SCHEDULERS if on_cpu else ("default",)  # an accelerator: its own XLA
+    runs = {}
+    for scheduler in schedulers:
+        options = (dict(REMAT_COMPILER_OPTIONS, xla_cpu_scheduler_type=scheduler)
+                   if on_cpu else None)
+        stats = lowered.compile(compiler_options=options).memory_analysis()
+        run = {f: int(getattr(stats, f"{f}_size_in_bytes")) for f in FIELDS[:-1]}
+        run["peak"] = run["argument"] + run["temp"] + run["output"] - run["alias"]
+        run["xla_peak"] = int(getattr(stats, "peak_memory_in_bytes", 0))
+        runs[scheduler] = run
+        jax.clear_caches()  # drop the executable before the next, larger one
+    scheduler = min(schedulers, key=lambda name: runs[name]["peak"])
+    out = dict(runs[scheduler])
+    out["scheduler"] = scheduler
+    out["peak_by_scheduler"] = {name: runs[name]["peak"] for name in schedulers}
+    out["compile_s"] = time.perf_counter() - start
     out["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
-    jax.clear_caches()  # drop the executable before the next, larger one
     return out
 
 
@@ -137,6 +150,7 @@ def extrapolate(runs: dict[int, dict], depth: int) -> dict:
     out = {k: round(a[k] + (depth - da) * (b[k] - a[k]) / (db - da))
            for k in (*FIELDS, "xla_peak")}
     out["temp_per_block"] = (b["temp"] - a["temp"]) / (db - da)
+    out["scheduler"] = b["scheduler"]  # the deeper program's (the closer to the full one)
     out["compile_s"] = a["compile_s"] + b["compile_s"]
     out["max_rss_gib"] = max(a["max_rss_gib"], b["max_rss_gib"])
     out["extrapolated_from_depths"] = sorted(runs)
@@ -187,13 +201,14 @@ def print_model(model: str, r: dict, fsdp: int) -> None:
     print(f"  ({r['state']['total']['params'] / 1e6:.1f} M trained parameters; frozen tree "
           f"{r['frozen_bytes'] / GiB:.2f} GiB, batch {r['batch_bytes'] / GiB:.3f} GiB)")
     print(f"  {'variant':16s}{'args':>8s}  {'outputs':>8s}  {'temps':>8s}  {'aliases':>8s}"
-          f"  {'peak':>8s}   compile")
+          f"  {'peak':>8s}   compile   scheduler")
     for name, v in r["variants"].items():
         if "error" in v:
             print(f"  {name:16s}failed: {v['error'][:150]}")
             continue
         cells = "  ".join(gib(v[f]) for f in FIELDS)
-        print(f"  {name:16s}{cells}   {v['compile_s']:5.0f} s")
+        scheduler = v["scheduler"].removeprefix("CPU_SCHEDULER_TYPE_").lower()
+        print(f"  {name:16s}{cells}   {v['compile_s']:5.0f} s   {scheduler}")
     for name, v in r["variants"].items():
         if "extrapolated_from_depths" in v:
             print(f"  {name}: extrapolated linearly from depths {v['extrapolated_from_depths']} "
@@ -212,7 +227,6 @@ def main(argv=None):
                              "(for machines where compiling all 28 blocks is too slow)")
     parser.add_argument("--json", default="", help="write the numbers here")
     args = parser.parse_args(argv)
-    memory_minimising_scheduler()
 
     depths = [int(d) for d in args.dit_depths.split(",") if d]
     if depths and len(depths) != 2:

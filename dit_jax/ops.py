@@ -10,6 +10,7 @@ measured in docs/performance.md.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -19,8 +20,28 @@ import jax.numpy as jnp
 Dtype = jnp.dtype
 
 
+_accelerator_trace = False
+
+
 def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
+    return jax.default_backend() == "cpu" and not _accelerator_trace
+
+
+@contextlib.contextmanager
+def accelerator_paths():
+    """Trace, inside this block, the program a GPU or TPU runs whatever the backend: every
+    CPU path here and in `vavae_jax.conv` is left out (XLA's attention, no pinned layouts, no
+    attention chunks, 16-bit dots in any form). For what is measured on a CPU on the
+    accelerators' behalf (`bench.train_memory`); the result still runs on a CPU. JAX's caches
+    are cleared on the way in and out: jit reuses a function's trace whatever the paths."""
+    global _accelerator_trace
+    previous, _accelerator_trace = _accelerator_trace, True
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _accelerator_trace = previous
+        jax.clear_caches()
 
 
 def one_cpu_device() -> bool:

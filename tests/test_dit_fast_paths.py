@@ -373,3 +373,31 @@ def test_bfloat16_swiglu_rounds_as_torch():
     xt = torch.from_numpy(np.asarray(x, np.float32)).to(torch.bfloat16)
     want = (torch.nn.functional.silu(xt) * xt).float().numpy()
     np.testing.assert_array_equal(np.asarray(ours, np.float32), want)
+
+
+def test_accelerator_paths_trace_the_accelerator_program():
+    """Inside `accelerator_paths` the CPU forms are gone (XLA's attention in one call, no
+    pinned transposes) and the values stay; the switch is restored after an error."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (8, 256, 4, 8)) for i in range(3))
+    w = jax.random.normal(jax.random.key(3), (8, 64)) / 30
+
+    def step(q, k, v, w):
+        out = dot_product_attention(q, k, v)  # (8, 256, 4, 8)
+        return jnp.sum(dense_matmul(out.reshape(-1, 8), w, 1) ** 2)
+
+    grad = jax.grad(step, argnums=(0, 3))
+    cpu_text = jax.jit(grad).lower(q, k, v, w).as_text()
+    with ops.accelerator_paths():
+        assert not ops.one_cpu_device()
+        accelerator_text = jax.jit(grad).lower(q, k, v, w).as_text()
+        accelerator = jax.jit(grad)(q, k, v, w)
+    if jax.default_backend() == "cpu":
+        assert cpu_text.count("stablehlo.exponential") == 8  # the CPU's 8 chunks
+        assert "optimization_barrier" in cpu_text  # the weight gradient's pinned x^T
+    assert accelerator_text.count("stablehlo.exponential") == 1
+    assert "optimization_barrier" not in accelerator_text
+    for a, b in zip(accelerator, jax.jit(grad)(q, k, v, w)):
+        assert _relative(a, b) < 1e-5
+    with pytest.raises(RuntimeError), ops.accelerator_paths():
+        raise RuntimeError
+    assert ops.one_cpu_device() == (jax.default_backend() == "cpu")
