@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import resource
 import time
 
@@ -44,8 +43,8 @@ from configs import lightningdit as dit_configs
 from configs import vavae as vavae_configs
 from dit_jax.ops import accelerator_paths
 from launch import sharding
-from launch.xla_cpu import REMAT_COMPILER_OPTIONS
 from launch.training.adapters import make_adapter
+from launch.xla_cpu import REMAT_COMPILER_OPTIONS
 
 GiB = float(2**30)
 VARIANTS = {"float32": dict(dtype="float32", remat=False),
@@ -114,9 +113,9 @@ def state_parts(boxed, fsdp: int) -> dict:
 
 
 def compile_step(adapter, state, batch, frozen) -> dict:
-    """XLA's memory analysis of the jitted, donating step traced for an accelerator, on a CPU
-    under each of `SCHEDULERS`: the smaller peak, which scheduler gave it and every scheduler's peak;
-    plus compile time and the process's peak RSS so far (compiling XL/1 on a small machine is
+    """XLA's memory analysis of the jitted, donating step traced for an accelerator (on a CPU
+    under each of `SCHEDULERS`: the smaller peak, its scheduler and each one's peak); plus
+    compile time and the process's peak RSS so far (compiling XL/1 on a small machine is
     itself the risk)."""
     rng = jax.eval_shape(jax.random.key, 0)
     start = time.perf_counter()

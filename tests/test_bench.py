@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bench import (ab, compare, precision_recall, profile_step, sample, train_memory,
-                   train_step, vae)
+from bench import ab, compare, precision_recall, profile_step, sample, train_memory, train_step, vae
 from bench.common import cost_flops
 from bench.flops import lightningdit_forward_flops, matmul_flops
 from dit_jax import RELEASED_FLAGS, LightningDiT, lightningdit_kwargs
