@@ -114,7 +114,6 @@ def compiled_step(model: str = "lightningdit", variant: str = "B/1", batch: int 
         raise SystemExit(f"--batch {batch}: must be at least 1")
     if model == "lightningdit":
         config = dit_config(variant, dtype)
-        config.model.remat = remat
         config.model.attention_impl = common.check_attention(attention)
     elif model == "vavae":
         if attention:
@@ -123,6 +122,7 @@ def compiled_step(model: str = "lightningdit", variant: str = "B/1", batch: int 
         config = vavae_config(variant, dtype)
     else:
         raise SystemExit(f"--model {model!r}: lightningdit or vavae")
+    config.model.remat = remat
     adapter = make_adapter(config)
 
     # -- state, data and frozen tree on a one-device mesh, as the loop builds them ------------
@@ -153,7 +153,7 @@ def run(model: str = "lightningdit", variant: str = "B/1", batch: int | None = N
     """Build, compile and time the step; returns the result dict (see the module docstring).
     `peak=False` skips the peak measurement (mfu then is None); on CPU the peak is the best
     (peak_matmul_n)^3 matmul in `dtype`, measured before and after the timed steps. `remat`
-    checkpoints each LightningDiT block (config.model.remat); `attention` picks its attention
+    checkpoints each block (config.model.remat); `attention` picks its attention
     (config.model.attention_impl: '', 'explicit', 'xla' or 'cudnn')."""
     built = compiled_step(model, variant, batch, dtype, remat, attention)
     config, adapter, batch = built["config"], built["adapter"], built["batch"]
@@ -232,7 +232,8 @@ def main(argv=None):
     parser.add_argument("--peak_matmul_n", type=common.positive_int, default=2048,
                         help="CPU: size of the matmul (in --dtype) whose best speed is the peak")
     parser.add_argument("--remat", action="store_true",
-                        help="lightningdit: rematerialise each block in the backward")
+                        help="rematerialise each block in the backward (config.model.remat: "
+                             "LightningDiT's blocks, the VA-VAE's ResNet blocks)")
     common.attention_arg(parser)
     common.common_args(parser)
     args = parser.parse_args(argv)

@@ -211,9 +211,9 @@ def test_variant_names():
 @pytest.mark.slow  # ~40 s of XLA compilation on CPU
 def test_train_step_vavae(capsys):
     train_step.main(["--model", "vavae", "--variant", "tiny", "--steps", "1", "--warmup", "0",
-                     "--peak_matmul_n", "256"])
+                     "--peak_matmul_n", "256", "--remat"])
     r = last_json(capsys)
-    assert TRAIN_KEYS <= set(r) and r["images_per_s"] > 0
+    assert TRAIN_KEYS <= set(r) and r["images_per_s"] > 0 and r["remat"]
 
 
 def test_sample(capsys):
