@@ -125,11 +125,12 @@ def upsample_then_conv(x, w):
     return lax.conv_general_dilated(up, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
 
 
-@pytest.mark.parametrize("size, phases", [(32, True), (8, False)])
+@pytest.mark.parametrize("size, phases", [(32, True), (16, True), (8, False)])
 def test_upsample_conv3x3_equals_upsampling_first(size, phases):
-    # 32x32 inputs take the four 2x2 phase convolutions, 8x8 ones the direct form
-    assert (size * size >= conv_module.MIN_PHASE_POSITIONS) == phases
+    # two 32x32 or 16x16 inputs take the four 2x2 phase convolutions, two 8x8 ones the direct
+    # form (the threshold counts positions over the batch)
     x, w = operands(3, 16, 24, size=size)
+    assert (x.shape[0] * x.shape[1] * x.shape[2] >= conv_module.MIN_PHASE_POSITIONS) == phases
     g = jax.random.normal(jax.random.PRNGKey(7), (2, 2 * size, 2 * size + 4, 24))
     ours = jax.jit(lambda x, w: jax.vjp(conv_module.upsample_conv3x3, x, w))
     want, want_vjp = jax.vjp(upsample_then_conv, x, w)
