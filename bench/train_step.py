@@ -7,7 +7,9 @@
 LightningDiT on 16x16x32 latents (upstream's ImageNet 256 setting; variants are the
 `dit_jax.model.VARIANTS` names, `LightningDiT-B/1` or just `B/1`); the VA-VAE f16d32 at 256x256
 (`configs/vavae.py:long_stage3`: generator step with DINOv2-L and LPIPS in the loop, then the
-discriminator step). `--variant tiny` is a CPU-second-sized model of either family (tests).
+discriminator step). `--variant tiny` is a CPU-second-sized model of either family (tests),
+`--variant demo` the one `launch.demo` trains (it trains LightningDiT at `--batch 64`, the
+VA-VAE at `--batch 32`).
 
 The step is the training loop's (`launch/training/adapters.py` + `launch/training/loop.py`):
 `adapter.step` jitted with explicit shardings on a one-device mesh and the state donated; random
@@ -35,16 +37,17 @@ from launch import build, sharding, xla_cpu
 from launch.training.adapters import make_adapter
 
 VAVAE_VARIANTS = {"f16d32": "long_stage3", "tiny": "tiny"}
+DIT_CONFIG_VARIANTS = ("tiny", "demo")  # configs/lightningdit.py's own CPU-sized models
 DEFAULT_BATCH = {"lightningdit": 8, "vavae": 1}
 
 
 def dit_variant(name: str) -> str:
-    """'B/1', 'XL/1' or 'LightningDiT-B/1' -> the registry name ('tiny' stays)."""
-    if name == "tiny" or name in VARIANTS:
+    """'B/1', 'XL/1' or 'LightningDiT-B/1' -> the registry name ('tiny', 'demo' stay)."""
+    if name in DIT_CONFIG_VARIANTS or name in VARIANTS:
         return name
     full = f"LightningDiT-{name}"
     if full not in VARIANTS:
-        raise SystemExit(f"unknown LightningDiT variant {name!r}: tiny or one of "
+        raise SystemExit(f"unknown LightningDiT variant {name!r}: tiny, demo or one of "
                          f"{sorted(v.removeprefix('LightningDiT-') for v in VARIANTS)}")
     return full
 
@@ -52,8 +55,8 @@ def dit_variant(name: str) -> str:
 def dit_config(variant: str, dtype: str):
     """configs/lightningdit.py with `variant`'s sizes (the released flags, 16x16x32 inputs)."""
     variant = dit_variant(variant)
-    if variant == "tiny":
-        config = dit_configs.get_config("tiny")
+    if variant in DIT_CONFIG_VARIANTS:
+        config = dit_configs.get_config(variant)
     else:
         config = dit_configs.get_config("xl1_64ep")
         config.model.update(variant=variant, **VARIANTS[variant])
@@ -224,7 +227,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lightningdit", choices=["lightningdit", "vavae"])
     parser.add_argument("--variant", default=None,
-                        help="lightningdit: B/1, XL/1, LightningDiT-L/2, ... or tiny "
+                        help="lightningdit: B/1, XL/1, LightningDiT-L/2, ..., tiny or demo "
                              "(default B/1); vavae: f16d32 (configs/vavae.py:long_stage3), any "
                              "configs/vavae.py variant, or tiny")
     parser.add_argument("--batch", type=common.positive_int, default=None,

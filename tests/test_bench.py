@@ -460,6 +460,19 @@ def test_collectives_counts_and_equal_losses():
     assert "all-gather" in rows[2]["collectives"]  # fsdp: parameters all-gathered
 
 
+def test_train_step_knows_the_demo_s_models():
+    from configs import lightningdit, vavae
+
+    # `--variant demo` benchmarks what launch.demo trains, of either family
+    want = lightningdit.get_config("demo").model
+    want.dtype = "bfloat16"
+    assert train_step.dit_config("demo", "bfloat16").model == want
+    assert train_step.dit_variant("demo") == "demo"
+    assert train_step.vavae_config("demo", "float32").model == vavae.get_config("demo").model
+    with pytest.raises(SystemExit, match="tiny, demo or one of"):
+        train_step.dit_variant("Z/9")
+
+
 def test_attention_option_reaches_the_model_and_keeps_values():
     from bench import common
     from launch import build
