@@ -1,4 +1,5 @@
-"""vavae_jax.conv: XLA's convolution with a per-tap matmul kernel gradient on one CPU device."""
+"""vavae_jax.conv: XLA's convolution with a per-tap matmul kernel gradient on one CPU device
+(XLA's own kernel gradient on a pre-transposed input below MIN_CHANNELS)."""
 
 import jax
 import jax.numpy as jnp
@@ -74,11 +75,30 @@ def test_only_the_needed_gradients_are_computed():
     assert "dot_general" in dw_only and dw_only.count("convolution(") == 1
 
 
+@pytest.mark.parametrize("k, stride, pads, c, d", [
+    (3, 1, ((1, 1), (1, 1)), 8, 12), (1, 1, ((0, 0), (0, 0)), 8, 4), (3, 1, "SAME", 3, 8),
+    (3, 2, ((0, 1), (0, 1)), 8, 8)])
+def test_few_channels_keep_xla_s_kernel_gradient_convolution(k, stride, pads, c, d):
+    """Below MIN_CHANNELS the kernel gradient is XLA's own convolution, bit for bit; at stride 1
+    its input is transposed in a loop of its own (a conditional), strided layers are XLA's op."""
+    assert c < conv_module.MIN_CHANNELS
+    x, w = operands(k, c, d)
+    ours, xla = squared_output(conv_general_dilated, stride, pads), squared_output(
+        lax.conv_general_dilated, stride, pads)
+    got = jax.jit(jax.grad(ours, (0, 1)))(x, w)
+    want = jax.jit(jax.grad(xla, (0, 1)))(x, w)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    compiled = jax.jit(jax.grad(ours, 1)).lower(x, w).compile().as_text()
+    assert " while(" not in compiled  # no per-tap matmuls (a 1x1 one XLA makes a dot itself)
+    assert (" conditional(" in compiled) == (stride == 1)
+
+
 def test_falls_back_to_xla_where_it_does_not_apply():
     few = conv_module.MIN_CHANNELS - 1
     x, w = operands(3, few, 8)
     fn = squared_output(conv_general_dilated, 1, ((1, 1), (1, 1)))
-    assert "dot_general" not in hlo_of_grad(fn, 1, x, w)  # the RGB input layers
+    assert "dot_general" not in hlo_of_grad(fn, 1, x, w)  # the RGB input layers: a convolution
     x, w = operands(3, 32, 8)
     dilated = lambda x, w: (conv_general_dilated(  # noqa: E731
         x, w, (1, 1), ((2, 2), (2, 2)), rhs_dilation=(2, 2), dimension_numbers=NHWC) ** 2).sum()

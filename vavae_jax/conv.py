@@ -15,9 +15,11 @@ at a shift (`_kernel_gradient_shifted_rows`); strided layers transpose the cotan
 When a kernel is frozen (the discriminator inside the generator step) its gradient is not
 computed at all, and the same holds for inputs that need none (symbolic zeros).
 
-Elsewhere (GPU / TPU, where cuDNN and XLA:TPU have good kernel-gradient convolutions; a sharded
-CPU mesh, where flattening the batch would all-gather it; dilations, groups, layouts other
-than NHWC / HWIO, or fewer than `MIN_CHANNELS` input channels) this is the XLA op itself.
+Below `MIN_CHANNELS` input channels the kernel gradient is XLA's own convolution, fed an input
+transposed in a loop of its own (`_kernel_gradient_as_convolution`). Elsewhere (GPU / TPU,
+where cuDNN and XLA:TPU have good kernel-gradient convolutions; a sharded CPU mesh, where
+flattening the batch would all-gather it; dilations, groups, layouts other than NHWC / HWIO,
+or strided layers with fewer than `MIN_CHANNELS` input channels) this is the XLA op itself.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dit_jax.ops import one_cpu_device
+from dit_jax.ops import one_cpu_device, transpose_own_loop
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-# Below this many input channels XLA's own kernel gradient is kept: for the RGB input layers
-# it is as fast, and on the demo's 32 / 64-channel VA-VAE the whole step measured no faster
-# (25-28 against 27-29 img/s), so it keeps XLA's numerics.
+# Below this many input channels the kernel gradient is XLA's own convolution (for the RGB
+# input layers the matmuls are no faster, and on the demo's 32 / 64-channel VA-VAE XLA's
+# convolution is: (32, 32, 32, 32) -> 32 channels, 5.4 against 9.9 ms), given its input
+# already transposed (`_kernel_gradient_as_convolution`); strided ones stay wholly XLA's.
 MIN_CHANNELS = 128
 
 
@@ -65,7 +68,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     plain = (given == nhwc and feature_group_count == 1 and batch_group_count == 1
              and all(d == 1 for d in (lhs_dilation or (1, 1)))
              and all(d == 1 for d in (rhs_dilation or (1, 1)))
-             and preferred_element_type is None and lhs.shape[-1] >= MIN_CHANNELS)
+             and preferred_element_type is None
+             and (lhs.shape[-1] >= MIN_CHANNELS or all(s == 1 for s in window_strides)))
     pads = (_explicit_padding(padding, lhs.shape, rhs.shape, tuple(window_strides))
             if plain else None)
     if pads is None:
@@ -99,7 +103,9 @@ def _backward(strides, pads, precision, residuals, g):
         (dx,) = vjp(g)
     elif need_dx:
         dx = _input_gradient_strided(g, kernel, x.shape, strides, pads, precision)
-    if need_dkernel:
+    if need_dkernel and x.shape[-1] < MIN_CHANNELS:  # stride 1 (`conv_general_dilated`)
+        dkernel = _kernel_gradient_as_convolution(x, g, pads, precision).astype(kernel.dtype)
+    elif need_dkernel:
         dkernel = _kernel_gradient(x, g, kernel.shape, strides, pads, precision)
         dkernel = dkernel.astype(kernel.dtype)
     return dx, dkernel
@@ -141,6 +147,22 @@ def _input_gradient_strided(g, kernel, x_shape, strides, pads, precision):
         g.shape[0], strides[0] * steps[0], strides[1] * steps[1], c)
     (top, _), (left, _) = pads
     return dx_padded[:, top:top + x_shape[1], left:left + x_shape[2]]
+
+
+def _kernel_gradient_as_convolution(x, g, pads, precision):
+    """XLA's own kernel gradient of a stride-1 convolution (the same convolution, the same
+    values): the correlation of x, as (C, H, W, N) with the channels as the batch and the
+    images as the features, with g as a (Ho, Wo, N, D) kernel, giving (C, kh, kw, D).
+
+    XLA:CPU lays x out that way with a transpose it fuses with the ops producing x (the
+    GroupNorm and swish before each of the demo's convolutions), recomputing them in the
+    transposed order: 2.2 ms per (32, 32, 32, 32) input inside the step, 0.4 ms alone. Here
+    the transpose is a loop of its own (`transpose_own_loop`) that reads x's buffer."""
+    x_t = transpose_own_loop(x, (3, 1, 2, 0))
+    g_t = g.transpose(1, 2, 0, 3)
+    dkernel = lax.conv_general_dilated(x_t, g_t, (1, 1), pads, dimension_numbers=NHWC,
+                                       precision=precision)  # (C, kh, kw, D)
+    return dkernel.transpose(1, 2, 0, 3)
 
 
 def _kernel_gradient(x, g, kernel_shape: Sequence[int], strides, pads, precision):
