@@ -78,10 +78,14 @@ def test_only_the_needed_gradients_are_computed():
 @pytest.mark.parametrize("k, stride, pads, c, d", [
     (3, 1, ((1, 1), (1, 1)), 8, 12), (1, 1, ((0, 0), (0, 0)), 8, 4), (3, 1, "SAME", 3, 8),
     (3, 2, ((0, 1), (0, 1)), 8, 8)])
-def test_few_channels_keep_xla_s_kernel_gradient_convolution(k, stride, pads, c, d):
+@pytest.mark.parametrize("own_loop", [True, False])
+def test_few_channels_keep_xla_s_kernel_gradient_convolution(k, stride, pads, c, d, own_loop,
+                                                             monkeypatch):
     """Below MIN_CHANNELS the kernel gradient is XLA's own convolution, bit for bit; at stride 1
-    its input is transposed in a loop of its own (a conditional), strided layers are XLA's op."""
+    an input of MIN_OWN_LOOP_INPUT elements or more is transposed in a loop of its own (a
+    conditional); strided layers and smaller inputs are XLA's op."""
     assert c < conv_module.MIN_CHANNELS
+    monkeypatch.setattr(conv_module, "MIN_OWN_LOOP_INPUT", 0 if own_loop else 10**9)
     x, w = operands(k, c, d)
     ours, xla = squared_output(conv_general_dilated, stride, pads), squared_output(
         lax.conv_general_dilated, stride, pads)
@@ -91,7 +95,7 @@ def test_few_channels_keep_xla_s_kernel_gradient_convolution(k, stride, pads, c,
         np.testing.assert_array_equal(a, b)
     compiled = jax.jit(jax.grad(ours, 1)).lower(x, w).compile().as_text()
     assert " while(" not in compiled  # no per-tap matmuls (a 1x1 one XLA makes a dot itself)
-    assert (" conditional(" in compiled) == (stride == 1)
+    assert (" conditional(" in compiled) == (stride == 1 and own_loop)
 
 
 def test_falls_back_to_xla_where_it_does_not_apply():

@@ -15,11 +15,12 @@ at a shift (`_kernel_gradient_shifted_rows`); strided layers transpose the cotan
 When a kernel is frozen (the discriminator inside the generator step) its gradient is not
 computed at all, and the same holds for inputs that need none (symbolic zeros).
 
-Below `MIN_CHANNELS` input channels the kernel gradient is XLA's own convolution, fed an input
-transposed in a loop of its own (`_kernel_gradient_as_convolution`). Elsewhere (GPU / TPU,
-where cuDNN and XLA:TPU have good kernel-gradient convolutions; a sharded CPU mesh, where
-flattening the batch would all-gather it; dilations, groups, layouts other than NHWC / HWIO,
-or strided layers with fewer than `MIN_CHANNELS` input channels) this is the XLA op itself.
+Below `MIN_CHANNELS` input channels the kernel gradient of a large stride-1 layer is XLA's own
+convolution, fed an input transposed in a loop of its own (`_kernel_gradient_as_convolution`).
+Elsewhere (GPU / TPU, where cuDNN and XLA:TPU have good kernel-gradient convolutions; a sharded
+CPU mesh, where flattening the batch would all-gather it; dilations, groups, layouts other
+than NHWC / HWIO, or other layers with fewer than `MIN_CHANNELS` input channels) this is the
+XLA op itself.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 # Below this many input channels the kernel gradient is XLA's own convolution (for the RGB
 # input layers the matmuls are no faster, and on the demo's 32 / 64-channel VA-VAE XLA's
 # convolution is: (32, 32, 32, 32) -> 32 channels, 5.4 against 9.9 ms), given its input
-# already transposed (`_kernel_gradient_as_convolution`); strided ones stay wholly XLA's.
+# already transposed (`_kernel_gradient_as_convolution`) where the input has at least
+# MIN_OWN_LOOP_INPUT elements; strided or smaller ones stay wholly XLA's (the f16d32 step's
+# four small layers, 8-196k elements, measured 3% slower as a whole the other way).
 MIN_CHANNELS = 128
+MIN_OWN_LOOP_INPUT = 2**18
 
 
 def _explicit_padding(padding, lhs_shape, rhs_shape, strides) -> tuple | None:
@@ -69,7 +73,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
              and all(d == 1 for d in (lhs_dilation or (1, 1)))
              and all(d == 1 for d in (rhs_dilation or (1, 1)))
              and preferred_element_type is None
-             and (lhs.shape[-1] >= MIN_CHANNELS or all(s == 1 for s in window_strides)))
+             and (lhs.shape[-1] >= MIN_CHANNELS or (all(s == 1 for s in window_strides)
+                                                   and lhs.size >= MIN_OWN_LOOP_INPUT)))
     pads = (_explicit_padding(padding, lhs.shape, rhs.shape, tuple(window_strides))
             if plain else None)
     if pads is None:
