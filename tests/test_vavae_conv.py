@@ -98,6 +98,20 @@ def test_few_channels_keep_xla_s_kernel_gradient_convolution(k, stride, pads, c,
     assert (" conditional(" in compiled) == (stride == 1 and own_loop)
 
 
+def test_kernel_gradient_choice_is_checked():
+    x, w = operands(3, 8, 8)
+    for strides, choice in (((2, 2), "convolution"), ((1, 1), "taps")):
+        with pytest.raises(ValueError, match="kernel_gradient"):
+            jax.grad(lambda w, s=strides, c=choice: conv_module.conv2d_nhwc(
+                x, w, s, ((1, 1), (1, 1)), None, c).sum())(w)
+    # called directly (bench.conv_grad), a strided small layer keeps the per-tap matmuls
+    got = jax.grad(lambda w: (conv_module.conv2d_nhwc(x, w, (2, 2), ((1, 1), (1, 1))) ** 2
+                              ).sum())(w)
+    want = jax.grad(lambda w: (lax.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)),
+                                                        dimension_numbers=NHWC) ** 2).sum())(w)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.abs(want).max()))
+
+
 def test_falls_back_to_xla_where_it_does_not_apply():
     few = conv_module.MIN_CHANNELS - 1
     x, w = operands(3, few, 8)

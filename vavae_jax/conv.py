@@ -79,15 +79,27 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
             if plain else None)
     if pads is None:
         return xla()
-    return conv2d_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision)
+    kernel_gradient = "matmuls" if lhs.shape[-1] >= MIN_CHANNELS else "convolution"
+    return conv2d_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision,
+                       kernel_gradient)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def conv2d_nhwc(x: jax.Array, kernel: jax.Array, strides: tuple, pads: tuple,
-                precision=None) -> jax.Array:
+                precision=None, kernel_gradient: str = "matmuls") -> jax.Array:
     """x (N, H, W, C) * kernel (kh, kw, C, D) -> (N, Ho, Wo, D): XLA's convolution; the
-    kernel gradient by per-tap matmuls (module docstring)."""
+    kernel gradient by per-tap matmuls (module docstring), or with kernel_gradient=
+    'convolution' (stride 1 only) XLA's own on a pre-transposed input
+    (`_kernel_gradient_as_convolution`)."""
+    _check_kernel_gradient(kernel_gradient, strides)
     return _xla_conv(x, kernel, strides, pads, precision)
+
+
+def _check_kernel_gradient(kernel_gradient: str, strides: tuple) -> None:
+    if kernel_gradient not in ("matmuls", "convolution"):
+        raise ValueError(f"kernel_gradient={kernel_gradient!r}: 'matmuls' or 'convolution'")
+    if kernel_gradient == "convolution" and strides != (1, 1):
+        raise ValueError(f"kernel_gradient='convolution' is for stride 1, got {strides}")
 
 
 def _xla_conv(x, kernel, strides, pads, precision):
@@ -95,12 +107,13 @@ def _xla_conv(x, kernel, strides, pads, precision):
                                     precision=precision)
 
 
-def _forward(x, kernel, strides, pads, precision):
+def _forward(x, kernel, strides, pads, precision, kernel_gradient):
+    _check_kernel_gradient(kernel_gradient, strides)
     y = _xla_conv(x.value, kernel.value, strides, pads, precision)
     return y, (x.value, kernel.value, x.perturbed, kernel.perturbed)
 
 
-def _backward(strides, pads, precision, residuals, g):
+def _backward(strides, pads, precision, kernel_gradient, residuals, g):
     x, kernel, need_dx, need_dkernel = residuals
     dx = dkernel = None
     if need_dx and (strides == (1, 1) or min(min(p) for p in pads) < 0):  # XLA's own
@@ -108,7 +121,7 @@ def _backward(strides, pads, precision, residuals, g):
         (dx,) = vjp(g)
     elif need_dx:
         dx = _input_gradient_strided(g, kernel, x.shape, strides, pads, precision)
-    if need_dkernel and x.shape[-1] < MIN_CHANNELS:  # stride 1 (`conv_general_dilated`)
+    if need_dkernel and kernel_gradient == "convolution":
         dkernel = _kernel_gradient_as_convolution(x, g, pads, precision).astype(kernel.dtype)
     elif need_dkernel:
         dkernel = _kernel_gradient(x, g, kernel.shape, strides, pads, precision)
