@@ -240,45 +240,37 @@ def matrix_transpose(a: jax.Array, own_loop: bool = False) -> jax.Array:
     took 4.4 ms, (2048, 768) 0.6 ms; (6144, 768) bf16 15 ms. So where R = q * p, p the largest
     power of two dividing R, the rows are transposed in q blocks of p, (q, p, C) -> (q, C, p),
     and the blocks interleaved, (q, C, p) -> (C, q, p), a copy of p-element rows run in a
-    conditional (`_own_loop`): XLA merges two transposes in a row back into the slow one.
+    conditional (`transpose_own_loop`): XLA merges two transposes in a row back into the slow one.
     (768, 2048) bf16: 0.84 ms; (6144, 768): 2.3 ms.
 
     own_loop: the result always leaves a conditional, so no elementwise reader can fuse the
-    transpose into its own loop (see `_own_loop`).
+    transpose into its own loop (see `transpose_own_loop`).
     """
     r, c = a.shape
     p = r & -r
     if p == r or a.size < MIN_BLOCKED_TRANSPOSE:
-        if own_loop:
-            return _own_loop(lambda v: v.T, a).reshape(c, r)
-        return _transpose(a)
+        return transpose_own_loop(a, (1, 0)) if own_loop else _transpose(a)
     blocks = _transpose(a.reshape(r // p, p, c), (0, 2, 1))  # (q, C, p)
-    return _own_loop(lambda v: v.transpose(1, 0, 2), blocks).reshape(c, r)
-
-
-def _own_loop(fn, a: jax.Array) -> jax.Array:
-    """fn(a) (a reordering of a's elements), flattened, run as a loop of its own.
-
-    XLA:CPU fuses a transpose with the elementwise ops producing or reading it into one
-    loop, which then reads or writes across rows: 2048 x 2048 float32, (2 h)^T took 16-19 ms
-    against 0.8 ms for 2 h and 2.4 ms for the transpose alone. An optimization barrier does
-    not stop it (XLA removes barriers before it fuses); a conditional does. Both branches
-    are the same fn, so the predicate (a's first element) only hides that from XLA. The
-    result leaves the conditional flattened, so it has one possible layout: a transposed one
-    would move the transpose into the reader again."""
-    def flat(v):
-        return fn(v).reshape(-1)
-
-    return jax.lax.cond(a.reshape(-1)[0] > 0, flat, flat, a)
+    return transpose_own_loop(blocks, (1, 0, 2)).reshape(c, r)
 
 
 def transpose_own_loop(a: jax.Array, axes: tuple) -> jax.Array:
-    """``a.transpose(axes)`` as a loop of its own that reads a's buffer (`_own_loop`): left to
-    itself XLA:CPU may fuse the transpose with the elementwise ops producing a, recomputing
-    them in the transposed order (a 32 x 32 x 32 x 32 float32 input of a VA-VAE convolution,
-    GroupNorm and swish before it: 2.2 ms inside the step against 0.4 ms alone)."""
+    """``a.transpose(axes)`` run as a loop of its own, reading a's buffer.
+
+    XLA:CPU fuses a transpose with the elementwise ops producing or reading it into one
+    loop, which then reads or writes across rows: 2048 x 2048 float32, (2 h)^T took 16-19 ms
+    against 0.8 ms for 2 h and 2.4 ms for the transpose alone; a VA-VAE convolution's
+    32 x 32 x 32 x 32 input, GroupNorm and swish before it, 2.2 ms inside the step against
+    0.4 ms alone. An optimization barrier does not stop it (XLA removes barriers before it
+    fuses); a conditional does. Both branches are the same transpose, so the predicate (a's
+    first element) only hides that from XLA. The result leaves the conditional flattened, so
+    it has one possible layout: a transposed one would move the transpose into the reader
+    again."""
+    def flat(v):
+        return v.transpose(axes).reshape(-1)
+
     shape = tuple(a.shape[i] for i in axes)
-    return _own_loop(lambda v: v.transpose(axes), a).reshape(shape)
+    return jax.lax.cond(a.reshape(-1)[0] > 0, flat, flat, a).reshape(shape)
 
 
 def _matmul_nt(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -69,17 +69,18 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         return xla()
     nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
     given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers or NHWC)
+    few_channels = lhs.shape[-1] < MIN_CHANNELS
     plain = (given == nhwc and feature_group_count == 1 and batch_group_count == 1
              and all(d == 1 for d in (lhs_dilation or (1, 1)))
              and all(d == 1 for d in (rhs_dilation or (1, 1)))
              and preferred_element_type is None
-             and (lhs.shape[-1] >= MIN_CHANNELS or (all(s == 1 for s in window_strides)
-                                                   and lhs.size >= MIN_OWN_LOOP_INPUT)))
+             and (not few_channels or (all(s == 1 for s in window_strides)
+                                       and lhs.size >= MIN_OWN_LOOP_INPUT)))
     pads = (_explicit_padding(padding, lhs.shape, rhs.shape, tuple(window_strides))
             if plain else None)
     if pads is None:
         return xla()
-    kernel_gradient = "matmuls" if lhs.shape[-1] >= MIN_CHANNELS else "convolution"
+    kernel_gradient = "convolution" if few_channels else "matmuls"
     return conv2d_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision,
                        kernel_gradient)
 
