@@ -6,8 +6,10 @@
 `UserError`s (and the data pipeline's `DataError`s, missing files) print ``error: <message>``
 without a traceback; anything else is a bug and keeps its traceback. Before `main` starts JAX,
 a command that will run on the CPU restarts itself once with glibc's huge-page tunable
-(`launch.host_memory`) and adds its XLA:CPU flags (`launch.xla_cpu`). The INFO lines of
-orbax, grain and JAX are left out of the log unless ``--library_logs`` (`LibraryInfoFilter`).
+(`launch.host_memory`) and adds its XLA:CPU flags (`launch.xla_cpu`); then it points XLA's
+persistent compilation cache at ``--compilation_cache_dir`` (`launch.compile_cache`). The INFO
+lines of orbax, grain and JAX are left out of the log unless ``--library_logs``
+(`LibraryInfoFilter`).
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections.config_flags.config_flags import is_config_flag
 
-from launch import host_memory, xla_cpu
+from launch import compile_cache, host_memory, xla_cpu
 from launch.data.sources import DataError, is_url
 
 QUIET_LIBRARIES = ("orbax", "grain", "jax")
 
 flags.DEFINE_bool("library_logs", False, "also log the INFO lines of orbax, grain and JAX (every "
                   "step of each checkpoint save and restore, ...); their warnings show either way")
+flags.DEFINE_string("compilation_cache_dir", None, "XLA's persistent compilation cache: the "
+                    "programs this command compiles are kept here and loaded by the next run "
+                    "with the same shapes (a resumed run); default "
+                    f"{compile_cache.default_directory()}, '' for none (launch.compile_cache)")
 
 
 class LibraryInfoFilter(logging.Filter):
@@ -53,8 +59,8 @@ class UserError(ValueError):
     """A problem with the command line, config or files that the user can fix."""
 
 
-USER_ERRORS = (UserError, DataError, FileNotFoundError, FileExistsError, PermissionError,
-               NotADirectoryError, IsADirectoryError)
+USER_ERRORS = (UserError, DataError, compile_cache.CacheDirError, FileNotFoundError,
+               FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -78,12 +84,19 @@ def path_flag(name: str) -> None:
                 "path (a local disk, or shared storage mounted at the same path on every host)")
 
 
+path_flag("compilation_cache_dir")
+
+
 def run(main) -> None:
     def guarded(argv):
         if not flags.FLAGS.library_logs:
             absl_logging.get_absl_handler().addFilter(LibraryInfoFilter())
         try:
-            return main(argv)
+            cache = compile_cache.configure(flags.FLAGS.compilation_cache_dir)
+            absl_logging.info("XLA compilation cache %s", cache)
+            result = main(argv)
+            absl_logging.info("%s", compile_cache.summary())
+            return result
         except Exception as e:
             if _joined_a_process_group():
                 _leave_process_group(e)

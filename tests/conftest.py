@@ -8,6 +8,9 @@ from helpers import xla_flags
 # Subprocesses the tests start inherit the flags.
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The launch commands the tests start keep no programs in the user's compilation cache
+# (tests/test_compile_cache.py gives them one of their own).
+os.environ.setdefault("LDM_COMPILATION_CACHE", "0")
 
 import jax  # noqa: E402
 

@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from launch import agreement, sharding, xla_cpu
+from launch import agreement, compile_cache, sharding, xla_cpu
 from launch.cli import UserError
 from launch.data.sources import DataError
 from launch.training.adapters import make_adapter
@@ -215,12 +216,15 @@ def train(config, workdir: str) -> dict:
                                   donate_argnums=0,
                                   compiler_options=xla_cpu.step_compiler_options(
                                       config.model.get("remat", False)))
+            started = time.perf_counter()
             with sharding.mesh_context(mesh):  # the models' logical axis constraints
                 state, metrics = step_fn(state, batch, step_rng, frozen)
             step += 1
             history.append((step, metrics))
             if step == start_step + 1:
                 logger.start(step)  # throughput excludes compilation
+                logging.info("training step compiled or loaded, and started, in %.1f s; %s",
+                             time.perf_counter() - started, compile_cache.summary())
 
             # -- agreement: signals and bad input (several processes decide together every
             # `signal_check_every` steps and before anything is written; one: every step) ----
