@@ -97,12 +97,17 @@ def test_run_commands_quote_every_argument():
               "JAX_DISTRIBUTED=1 TFDS_DATA_DIR='/mnt/b/my data' nohup .venv/bin/python -m "
               "launch.train --config=configs/lightningdit.py:xl1_64ep --workdir=/mnt/b/runs/xl1 "
               "'--config.name=two words' '--config.note=$HOME' --config.seed=1 "
+              "--compilation_cache_dir=/mnt/b/runs/xl1/xla_cache "
               '> ~/train.log 2>&1 < /dev/null & echo "$(hostname): started pid $!, log in '
               '~/train.log"')
     assert got == [[*SSH, "--worker=all", "--command", remote]]
     # The remote shell sees exactly the arguments given, `$HOME` unexpanded.
     words = shlex.split(remote.split("nohup ")[1].split(" >")[0])
-    assert words[-3:] == ["--config.name=two words", "--config.note=$HOME", "--config.seed=1"]
+    assert words[-4:-1] == ["--config.name=two words", "--config.note=$HOME", "--config.seed=1"]
+    # a cache directory of the user's own replaces the one on the shared workdir
+    got = commands("run", "--name", "tpu1", "--zone", "z", "--config", "c", "--workdir", "/w",
+                   "--", "--compilation_cache_dir=/mnt/b/cache")
+    assert got[0][-1].count("--compilation_cache_dir") == 1 and "/mnt/b/cache" in got[0][-1]
 
 
 def test_run_rejects_bad_env_and_extra_args_elsewhere():
@@ -197,14 +202,16 @@ def test_sbatch_runs_srun_with_config_workdir_and_extra_args(tmp_path):
     assert argv == ["--ntasks-per-node=1", "--cpus-per-task=96", ".venv/bin/python", "-m",
                     "launch.train", "--config=configs/lightningdit.py:xl1_64ep",
                     "--workdir=/shared/runs/xl 1", "--config.name=two words",
-                    "--config.note=$HOME"]
+                    "--config.note=$HOME", "--compilation_cache_dir=/shared/runs/xl 1/xla_cache"]
+    _, argv = srun_call(run_sbatch(tmp_path, "c", "w", "--compilation_cache_dir=/mine"))
+    assert argv[-1] == "--compilation_cache_dir=/mine"
 
 
 def test_sbatch_takes_config_and_workdir_from_the_environment(tmp_path):
     config, workdir = "configs/vavae.py:f16d32_vfdinov2", "/shared/runs/vae"
     result = run_sbatch(tmp_path, "--config.seed=3", env={"CONFIG": config, "WORKDIR": workdir})
     _, argv = srun_call(result)
-    assert argv[-3:] == [f"--config={config}", f"--workdir={workdir}", "--config.seed=3"]
+    assert argv[-4:-1] == [f"--config={config}", f"--workdir={workdir}", "--config.seed=3"]
     # Outside SLURM (no SLURM_SUBMIT_DIR) it finds the repo from its own path.
     result = run_sbatch(tmp_path, "c", "w", env={"SLURM_SUBMIT_DIR": ""})
     env, _ = srun_call(result)

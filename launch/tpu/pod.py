@@ -14,7 +14,8 @@ the standard library, so it runs from the repo root with any Python 3.11:
     python -m launch.tpu.pod delete --name my-tpu --zone us-west4-a
 
 `--dry_run` prints the commands instead of running them. Arguments after `--` go to
-`launch.train` unchanged (`run` only), so `--dry_run` must come before `--`. Each
+`launch.train` unchanged (`run` only), so `--dry_run` must come before `--`; `run` adds
+`--compilation_cache_dir=<workdir>/xla_cache` unless they give one (`launch.compile_cache`). Each
 `*_commands(args)` function returns the argv lists that its subcommand runs, in order.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import posixpath
 import re
 import shlex
 import shutil
@@ -34,6 +36,8 @@ TPU_VM = ["gcloud", "compute", "tpus", "tpu-vm"]
 LOG_FILE = "~/train.log"
 # Not uploaded by `setup --copy_from`: environments, outputs and caches belong to one machine.
 COPY_EXCLUDES = (".venv", "runs", ".git", "__pycache__", ".pytest_cache", ".ruff_cache")
+# `run`'s XLA compilation cache, under --workdir unless the arguments after `--` name one
+SHARED_CACHE = "xla_cache"
 
 
 class PodError(Exception):
@@ -111,6 +115,10 @@ def run_commands(args: argparse.Namespace) -> list[list[str]]:
                        "mounted at the same path on each, e.g. /mnt/shared/runs/xl1)")
     train = [".venv/bin/python", "-m", "launch.train", f"--config={args.config}",
              f"--workdir={args.workdir}", *args.extra]
+    if not any(a.startswith("--compilation_cache_dir") for a in args.extra):
+        # on the shared workdir, so that every worker of a resumed run loads its programs (a
+        # worker's own ~/.cache would only ever hold what worker 0 wrote there)
+        train.append(f"--compilation_cache_dir={posixpath.join(args.workdir, SHARED_CACHE)}")
     # nohup, redirected output and stdin from /dev/null let ssh return while training goes on.
     command = (f"cd {shlex.quote(args.remote_dir)} || exit 1; "
                f"{' '.join(env)} nohup {shlex.join(train)} > {LOG_FILE} 2>&1 < /dev/null & "
