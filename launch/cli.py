@@ -92,10 +92,10 @@ def run(main) -> None:
         if not flags.FLAGS.library_logs:
             absl_logging.get_absl_handler().addFilter(LibraryInfoFilter())
         try:
-            cache = compile_cache.configure(flags.FLAGS.compilation_cache_dir)
-            absl_logging.info("XLA compilation cache %s", cache)
+            compile_cache.configure(flags.FLAGS.compilation_cache_dir)
             result = main(argv)
-            absl_logging.info("%s", compile_cache.summary())
+            if compile_cache.used():  # a command that compiled nothing worth keeping is quiet
+                absl_logging.info("%s", compile_cache.summary())
             return result
         except Exception as e:
             if _joined_a_process_group():

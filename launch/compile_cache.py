@@ -123,6 +123,11 @@ def counts() -> dict:
     return dict(_counts)
 
 
+def used() -> bool:
+    """Whether this process loaded or wrote any program."""
+    return _counts["loaded"] + _counts["written"] > 0
+
+
 _listening = False
 
 
