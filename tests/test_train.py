@@ -341,6 +341,29 @@ def test_abandoned_reads_drop_only_orbax_noise(monkeypatch):
     assert [r.getMessage().startswith("Task was destroyed") for r in records] == [True]
     assert records[0].getMessage().endswith("train.py:1>>")
 
+    # tensorstore's future of a read orbax gave up on, its error never read (collected at
+    # `del`): dropped; a future with any other error is still logged
+    records.clear()
+    asyncio_log.addHandler(handler)
+    try:
+        for error in (ValueError('DATA_LOSS: Error opening "zarr" driver: Error reading ...'),
+                      ValueError("DATA_LOSS in my own words"), RuntimeError("INTERNAL: mine")):
+            if isinstance(error, RuntimeError):
+                try:  # raised in Python: it has a traceback, so not tensorstore's
+                    raise error
+                except RuntimeError:
+                    pass
+            loop = asyncio.new_event_loop()
+            future = loop.create_future()
+            future.set_exception(error)
+            loop.close()
+            del future
+    finally:
+        asyncio_log.removeHandler(handler)
+    assert quiet.dropped == 6
+    assert [r.exc_info[1].args[0] for r in records] == ["DATA_LOSS in my own words",
+                                                        "INTERNAL: mine"]
+
 
 def test_restore_on_a_smaller_mesh(latents, uninterrupted, tmp_path):
     straight, _ = uninterrupted
