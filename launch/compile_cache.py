@@ -4,8 +4,9 @@ Every `launch` command keeps the programs XLA compiles for it in a directory, so
 command run again with the same shapes (a training run resumed after preemption, the next
 `launch.sample` chunk, the demo run a second time) loads them instead of compiling again. JAX
 keys each program by its HLO, compile options, XLA flags, jaxlib version and device kind, and
-writes only programs that took at least a second to compile (`jax_persistent_cache_min_compile_
-time_secs`), from process 0 of a multi-process run (the others only read).
+writes only programs that took at least a second to compile (JAX's option
+``jax_persistent_cache_min_compile_time_secs``), from process 0 of a multi-process run (the
+others only read).
 
 Where (`directory`): ``--compilation_cache_dir`` (every launch command has it); its default is
 ``$XDG_CACHE_HOME/vavae-lightningdit-jax/xla`` (``~/.cache/...`` without XDG_CACHE_HOME). An
@@ -117,10 +118,6 @@ def summary() -> str:
     return (f"XLA compilation cache: {_counts['loaded']} programs loaded (saving "
             f"{_counts['saved_s']:.1f} s of compiling), {_counts['written']} compiled and "
             f"written ({status()[len('on: '):]})")
-
-
-def counts() -> dict:
-    return dict(_counts)
 
 
 def used() -> bool:
