@@ -146,11 +146,16 @@ def test_kernel_gradient_keeps_memory_of_xla():
     assert temp["ours"] <= temp["xla"] + 2 * activation, (temp, activation)
 
 
-def test_bfloat16_kernel_gradient():
-    x, w = operands(3, 32, 16, jnp.bfloat16)
-    fn = squared_output(conv_general_dilated, 1, ((1, 1), (1, 1)))
-    got = jax.jit(jax.grad(lambda w: fn(x, w).astype(jnp.float32)))(w)
-    want = jax.grad(squared_output(lax.conv_general_dilated, 1, ((1, 1), (1, 1))), 1)(
+# a 1x1 layer with more outputs than inputs (the encoder's nin_shortcuts) has a single tap,
+# whose transposed input XLA folded into a dot its CPU runtime has no bf16 kernel for
+@pytest.mark.parametrize("k, c, d", [(3, 32, 16), (1, 32, 48)])
+def test_bfloat16_kernel_gradient(k, c, d):
+    x, w = operands(k, c, d, jnp.bfloat16)
+    pads = ((k // 2, k // 2),) * 2
+    fn = squared_output(conv_general_dilated, 1, pads)
+    # x an argument, as in a model: a constant x would have its transpose folded at compile time
+    got = jax.jit(jax.grad(lambda x, w: fn(x, w).astype(jnp.float32), 1))(x, w)
+    want = jax.grad(squared_output(lax.conv_general_dilated, 1, pads), 1)(
         x.astype(jnp.float32), w.astype(jnp.float32))
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05,
