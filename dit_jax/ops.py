@@ -116,7 +116,7 @@ def _dot(x: jax.Array, y: jax.Array, contract: tuple, batch: tuple = ((), ()),
     AVX512-BF16: g . w12^T at 2048 x 4096 x 768 14.6 ms either way). It sends some other forms
     to a fallback that rejects this type combination, and transposes others into layouts it
     then runs slowly (x^T . g for w12: 45 against 16 ms with x transposed first). On CPU,
-    16-bit operands are therefore transposed into such a form explicitly (`_materialise`); the
+    16-bit operands are therefore transposed into such a form explicitly (`materialise`); the
     callers already pass it for those kernels (`_bmm_nt`, `_bmm_tn`). Other dots take any
     form (`_row_major_kernels`).
     """
@@ -131,9 +131,9 @@ def _dot(x: jax.Array, y: jax.Array, contract: tuple, batch: tuple = ((), ()),
         # an unbatched y (free, contracted) is taken as it comes: x . y^T at the same rate
         y_nt = not y_batch and (*y_free, *y_contract) == tuple(range(y.ndim))
         if x_order != tuple(range(x.ndim)):
-            x = _materialise(x.transpose(x_order))
+            x = materialise(x.transpose(x_order))
         if y_order != tuple(range(y.ndim)) and not y_nt:
-            y = _materialise(y.transpose(y_order))
+            y = materialise(y.transpose(y_order))
         nb, nc = len(x_batch), len(x_contract)
         y_contract = tuple(range(y.ndim - nc, y.ndim)) if y_nt else tuple(range(nb, nb + nc))
         contract = (tuple(range(x.ndim - nc, x.ndim)), y_contract)
@@ -223,7 +223,7 @@ def _transpose(a: jax.Array, axes: tuple | None = None) -> jax.Array:
     transpose of a matmul's result into the matmul). The inner barrier keeps a's own shape:
     on the flattened array it left bitcasts between a's buffer and the transpose, which took
     XLA:CPU off its fast transpose loop (a (2048, 768) float32 buffer: 5.6 against 0.9 ms)."""
-    return _materialise(jax.lax.optimization_barrier(a).transpose(axes))
+    return materialise(jax.lax.optimization_barrier(a).transpose(axes))
 
 
 # Below this many elements a transpose keeps XLA's one loop whatever its shape (the blocks'
@@ -335,10 +335,10 @@ def _swap(a: jax.Array) -> jax.Array:
     CPU device its input is pinned too (see `_transpose`)."""
     if one_cpu_device():
         return _transpose(a, (0, 2, 1))
-    return _materialise(a.transpose(0, 2, 1))
+    return materialise(a.transpose(0, 2, 1))
 
 
-def _materialise(a: jax.Array) -> jax.Array:
+def materialise(a: jax.Array) -> jax.Array:
     """`a` as a row-major copy XLA can neither fold into its consumer nor give another
     layout: a barrier on the flattened array (one possible layout), then a free reshape.
     (XLA:CPU still fuses the copy into an elementwise consumer: no fusion barrier.)"""

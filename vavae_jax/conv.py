@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dit_jax.ops import one_cpu_device, transpose_own_loop
+from dit_jax.ops import materialise, one_cpu_device, transpose_own_loop
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 # Below this many input channels the kernel gradient is XLA's own convolution (for the RGB
@@ -233,10 +233,10 @@ def _kernel_gradient_shifted_rows(x, g, kernel_shape, pads, precision):
     if kh * kw == 1 and jnp.dtype(x.dtype).itemsize < 4:
         # XLA:CPU's 16-bit dots take only row-major operands. With a single tap XLA folded
         # this transpose into the dot, which then went to a kernel without bf16 x bf16 ->
-        # float32 ("Unsupported element type for DotThunk"); a barrier on the flattened array
-        # keeps x_t as computed here. Not with more taps: there it made the 3x3 bf16 kernel
-        # gradient 1.56x slower (256x256, 128 channels) and the loop keeps x_t anyway.
-        x_t = lax.optimization_barrier(x_t.reshape(-1)).reshape(x_t.shape)
+        # float32 ("Unsupported element type for DotThunk"); `materialise` keeps x_t as
+        # computed here. Not with more taps: there it made the 3x3 bf16 kernel gradient 1.56x
+        # slower (256x256, 128 channels) and the loop keeps x_t anyway.
+        x_t = materialise(x_t)
     g_rows = jnp.pad(g, ((0, 0), (0, hp - ho), (0, wp - wo), (0, 0))).reshape(rows, d)
     accumulate = jnp.promote_types(x.dtype, jnp.float32)
 
